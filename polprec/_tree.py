@@ -1,0 +1,98 @@
+"""The one place that decides how polprec walks pytrees.
+
+polprec walks trees with optree in the ``"torch"`` namespace, the registry that
+``torch.utils._pytree.register_pytree_node`` feeds once ``torch.utils._cxx_pytree`` has been
+imported (we import it here). The same trees therefore flatten identically for polprec,
+``torch.func`` and ``torch.compile``. ``None`` is an empty node, as in ``torch.func``: it is
+kept in the structure and never handed to a leaf function. Dict insertion order is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optree
+import torch
+import torch.utils._cxx_pytree  # mirrors torch's pytree registry into optree
+import torch.utils._pytree as _torch_pytree
+
+_NAMESPACE = "torch"
+
+TreeSpec = optree.PyTreeSpec
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
+    """Leaves (in a fixed order) and the structure of ``tree``."""
+    return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def tree_unflatten(spec: TreeSpec, leaves: Sequence[Any]) -> Any:
+    """Rebuild a tree of ``spec``'s structure from ``leaves``."""
+    return optree.tree_unflatten(spec, leaves)
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of ``tree``."""
+    return optree.tree_leaves(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def tree_structure(tree: Any) -> TreeSpec:
+    """The structure of ``tree``."""
+    return optree.tree_structure(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """Apply ``fn`` leafwise over ``tree`` and trees of the same structure."""
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], TreeSpec]:
+    """Paths (tuples of keys), leaves and structure of ``tree``."""
+    return optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A readable name for a leaf path, e.g. ``('layer', 0, 'weight')`` -> ``layer[0].weight``."""
+    if not path:
+        return "<root>"
+    out = ""
+    for key in path:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        elif isinstance(key, str) and key.isidentifier():
+            out += f".{key}" if out else key
+        else:
+            out += f"[{key!r}]"
+    return out
+
+
+def is_float_tensor(x: Any) -> bool:
+    """True for tensors with a floating-point dtype (the only leaves polprec casts)."""
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def register_node(
+    cls: type[Any],
+    flatten: Callable[[Any], tuple[list[Any], Any]],
+    unflatten: Callable[[Any, Any], Any],
+) -> None:
+    """Register ``cls`` with torch's pytree registry (seen by torch.func, torch.compile, optree)."""
+    _torch_pytree.register_pytree_node(
+        cls,
+        flatten,
+        lambda children, context: unflatten(list(children), context),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+    )
+
+
+def map_floating(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to the floating tensor leaves of ``tree``; other leaves are kept as is."""
+    if isinstance(tree, torch.Tensor):  # the common single-tensor case, without a tree walk
+        return fn(tree) if tree.is_floating_point() else tree
+    return tree_map(lambda x: fn(x) if is_float_tensor(x) else x, tree)
+
+
+def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensor leaves to ``dtype``; every other leaf is returned as is."""
+    return map_floating(tree, lambda x: x if x.dtype == dtype else x.to(dtype))

@@ -1,0 +1,340 @@
+"""Mixed-precision policies: which dtype parameters are stored in, computed in and returned in."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from polprec import _tree
+
+__all__ = [
+    "ENV_VAR",
+    "Policy",
+    "get_policy",
+    "half_dtype",
+    "parse_dtype",
+]
+
+#: The environment variable :func:`get_policy` reads when called without a spec.
+ENV_VAR = "POLPREC_PRECISION"
+#: Set by ``polprec run`` next to :data:`ENV_VAR`; makes a conflicting explicit spec an error.
+CLI_ENV_VAR = "POLPREC_PRECISION_FROM_CLI"
+
+_FLOAT_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "f16": torch.float16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "f32": torch.float32,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "single": torch.float32,
+    "full": torch.float32,
+    "f64": torch.float64,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+_F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+# Lightning Fabric's precision values (outputs always float32) and Keras' mixed policies.
+_NAMED_SPECS: dict[str, tuple[torch.dtype, torch.dtype, torch.dtype]] = {
+    "64": (_F64, _F64, _F32),
+    "64-true": (_F64, _F64, _F32),
+    "32": (_F32, _F32, _F32),
+    "32-true": (_F32, _F32, _F32),
+    "16": (_F32, _F16, _F32),
+    "16-mixed": (_F32, _F16, _F32),
+    "bf16": (_F32, _BF16, _F32),
+    "bf16-mixed": (_F32, _BF16, _F32),
+    "16-true": (_F16, _F16, _F32),
+    "bf16-true": (_BF16, _BF16, _F32),
+    "mixed_float16": (_F32, _F16, _F32),
+    "mixed_bfloat16": (_F32, _BF16, _F32),
+}
+_INT_SPECS = {64: "64", 32: "32", 16: "16"}
+
+_GRAMMAR_KEYS = {
+    "params": "params",
+    "p": "params",
+    "compute": "compute",
+    "c": "compute",
+    "output": "output",
+    "o": "output",
+}
+
+_ACCEPTED = (
+    "a Policy; the ints 64, 32, 16; Lightning Fabric values "
+    + ", ".join(repr(k) for k in _NAMED_SPECS if not k.startswith("mixed"))
+    + "; Keras names 'mixed_float16', 'mixed_bfloat16'; a bare dtype name ("
+    + ", ".join(sorted(_DTYPE_NAMES))
+    + ") meaning all three dtypes; or jmp's grammar 'params=<dtype>,compute=<dtype>,"
+    "output=<dtype>' with keys params|p, compute|c, output|o (e.g. 'c=bf16', "
+    "'p=bf16,c=f32')"
+)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(value: torch.dtype | str) -> torch.dtype:
+    """Return the floating ``torch.dtype`` named by ``value``.
+
+    Args:
+        value: a ``torch.dtype`` (float16, bfloat16, float32 or float64) or one of its names,
+            e.g. ``"bf16"``, ``"half"`` (float16, torch's meaning), ``"float"``, ``"double"``.
+
+    Raises:
+        TypeError: ``value`` is neither a dtype nor a string.
+        ValueError: ``value`` names no floating dtype polprec supports.
+
+    Examples:
+        >>> parse_dtype("bf16")
+        torch.bfloat16
+        >>> parse_dtype(" Half ")
+        torch.float16
+    """
+    if isinstance(value, torch.dtype):
+        if value not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"dtype {value} is not supported by a Policy; accepted dtypes are "
+                f"{', '.join(str(d) for d in _FLOAT_DTYPES)}"
+            )
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+        raise ValueError(
+            f"unknown dtype name {value!r}; accepted names are {', '.join(sorted(_DTYPE_NAMES))}"
+        )
+    raise TypeError(
+        f"expected a torch.dtype or a dtype name, got {value!r} of type {type(value).__name__}; "
+        f"accepted: {', '.join(str(d) for d in _FLOAT_DTYPES)} or their names"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """An immutable mixed-precision policy: parameter, compute and output dtypes.
+
+    Args:
+        param_dtype: dtype parameters are stored (and updated) in.
+        compute_dtype: dtype the forward pass computes in.
+        output_dtype: dtype the forward's floating outputs are returned in.
+
+    Each field accepts a ``torch.dtype`` or a name (``"bf16"``, ``"float32"``, ...).
+
+    Examples:
+        >>> import torch
+        >>> policy = Policy(torch.float32, "bf16", torch.float32)
+        >>> str(policy)
+        'params=float32,compute=bfloat16,output=float32'
+        >>> policy.cast_to_compute({"x": torch.ones(2), "step": 3})["x"].dtype
+        torch.bfloat16
+        >>> get_policy(str(policy)) == policy
+        True
+    """
+
+    param_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    output_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            raw = getattr(self, field)
+            try:
+                dtype = parse_dtype(raw)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"Policy({field}=...): {err}") from None
+            object.__setattr__(self, field, dtype)
+
+    def __str__(self) -> str:
+        return (
+            f"params={_dtype_name(self.param_dtype)},"
+            f"compute={_dtype_name(self.compute_dtype)},"
+            f"output={_dtype_name(self.output_dtype)}"
+        )
+
+    @property
+    def is_mixed(self) -> bool:
+        """True when computing in a 16-bit dtype narrower than the parameters (autocast's case)."""
+        return self.compute_dtype in (_F16, _BF16) and self.param_dtype in (_F32, _F64)
+
+    @property
+    def uses_float16(self) -> bool:
+        """True when any of the three dtypes is float16 (gradients may underflow)."""
+        return _F16 in (self.param_dtype, self.compute_dtype, self.output_dtype)
+
+    def cast_to_param(self, tree: Any) -> Any:
+        """Cast the floating tensor leaves of ``tree`` to :attr:`param_dtype`."""
+        return _tree.cast_floating(tree, self.param_dtype)
+
+    def cast_to_compute(self, tree: Any) -> Any:
+        """Cast the floating tensor leaves of ``tree`` to :attr:`compute_dtype`."""
+        return _tree.cast_floating(tree, self.compute_dtype)
+
+    def cast_to_output(self, tree: Any) -> Any:
+        """Cast the floating tensor leaves of ``tree`` to :attr:`output_dtype`."""
+        return _tree.cast_floating(tree, self.output_dtype)
+
+    def with_param_dtype(self, dtype: torch.dtype | str) -> Policy:
+        """A copy of this policy with another parameter dtype."""
+        return dataclasses.replace(self, param_dtype=parse_dtype(dtype))
+
+    def with_compute_dtype(self, dtype: torch.dtype | str) -> Policy:
+        """A copy of this policy with another compute dtype."""
+        return dataclasses.replace(self, compute_dtype=parse_dtype(dtype))
+
+    def with_output_dtype(self, dtype: torch.dtype | str) -> Policy:
+        """A copy of this policy with another output dtype."""
+        return dataclasses.replace(self, output_dtype=parse_dtype(dtype))
+
+
+def _parse_grammar(text: str, original: object) -> Policy:
+    chosen: dict[str, torch.dtype] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"cannot parse precision {original!r}: part {part!r} is not key=value")
+        if key not in _GRAMMAR_KEYS:
+            raise ValueError(
+                f"cannot parse precision {original!r}: unknown key {key!r}; accepted keys are "
+                "params|p, compute|c, output|o"
+            )
+        name = _GRAMMAR_KEYS[key]
+        if name in chosen:
+            raise ValueError(f"cannot parse precision {original!r}: {name!r} is given twice")
+        try:
+            chosen[name] = parse_dtype(value)
+        except ValueError as err:
+            raise ValueError(f"cannot parse precision {original!r}: {err}") from None
+    params = chosen.get("params", _F32)
+    compute = chosen.get("compute", params)
+    output = chosen.get("output", compute)
+    return Policy(params, compute, output)
+
+
+def _parse(spec: object) -> Policy:
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, bool) or not isinstance(spec, int | str):
+        raise TypeError(
+            f"precision must be a Policy, an int or a str, got {spec!r} of type "
+            f"{type(spec).__name__}; accepted: {_ACCEPTED}"
+        )
+    if isinstance(spec, int):
+        if spec not in _INT_SPECS:
+            raise ValueError(f"unknown precision {spec!r}; accepted: {_ACCEPTED}")
+        return Policy(*_NAMED_SPECS[_INT_SPECS[spec]])
+    text = spec.strip().lower()
+    if text in _NAMED_SPECS:
+        return Policy(*_NAMED_SPECS[text])
+    if "=" in text:
+        return _parse_grammar(text, spec)
+    if text in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[text]
+        return Policy(dtype, dtype, dtype)
+    hint = ""
+    if text.startswith("transformer-engine") or "8" in text:
+        hint = " (float8 / Transformer Engine precisions are not supported by polprec)"
+    raise ValueError(f"unknown precision {spec!r}{hint}; accepted: {_ACCEPTED}")
+
+
+def get_policy(spec: Policy | int | str | None = None) -> Policy:
+    """Return the :class:`Policy` described by ``spec``.
+
+    Args:
+        spec: a ``Policy`` (returned as is); a Lightning Fabric precision (``64``, ``32``,
+            ``16``, ``"64-true"``, ``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
+            ``"16-true"``, ``"bf16-true"``, ``"bf16"``, ...); a Keras name
+            (``"mixed_float16"``, ``"mixed_bfloat16"``); a bare dtype name (all three
+            dtypes); or jmp's grammar ``"params=float32,compute=bfloat16,output=float32"``
+            with short keys ``p``, ``c``, ``o`` (compute defaults to params, output to
+            compute). Case and whitespace are ignored. ``None`` reads the ``POLPREC_PRECISION``
+            environment variable (set by ``polprec run --precision``) and falls back to
+            ``"32-true"``.
+
+    Raises:
+        TypeError: ``spec`` is not a Policy, int, str or None.
+        ValueError: ``spec`` is not an accepted precision (the message lists them), or it
+            conflicts with the precision chosen on the ``polprec run`` command line.
+
+    Examples:
+        >>> str(get_policy("bf16-mixed"))
+        'params=float32,compute=bfloat16,output=float32'
+        >>> str(get_policy("c=f16"))
+        'params=float32,compute=float16,output=float16'
+        >>> get_policy(16) == get_policy("16-mixed")
+        True
+    """
+    env = os.environ.get(ENV_VAR)
+    if spec is None:
+        if env is None or not env.strip():
+            return _parse("32-true")
+        try:
+            return _parse(env)
+        except ValueError as err:
+            raise ValueError(f"environment variable {ENV_VAR}={env!r} is invalid: {err}") from None
+    policy = _parse(spec)
+    if env and os.environ.get(CLI_ENV_VAR) == "1" and not isinstance(spec, Policy):
+        cli_policy = _parse(env)
+        if cli_policy != policy:
+            raise ValueError(
+                f"precision {spec!r} ({policy}) in the code conflicts with "
+                f"--precision={env!r} ({cli_policy}) given to `polprec run`; remove one of "
+                "them, or call get_policy() without an argument to follow the command line"
+            )
+    return policy
+
+
+def half_dtype(device: torch.device | str | int | None = None) -> torch.dtype:
+    """The recommended 16-bit dtype for ``device``.
+
+    bfloat16 on CPU and on CUDA devices with native bfloat16 support, float16 elsewhere.
+
+    Args:
+        device: a ``torch.device``, a device string (``"cpu"``, ``"cuda:0"``), a CUDA index,
+            or ``None`` for torch's default device.
+
+    Examples:
+        >>> half_dtype("cpu")
+        torch.bfloat16
+    """
+    if device is None:
+        dev = torch.get_default_device()
+    elif isinstance(device, bool) or not isinstance(device, torch.device | str | int):
+        raise TypeError(
+            f"device must be a torch.device, a device string or a CUDA index, got {device!r} "
+            f"of type {type(device).__name__}"
+        )
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"invalid device {device!r}: {err}; use e.g. 'cpu', 'cuda', 'cuda:0' or 0"
+            ) from None
+    if dev.type == "cpu":
+        return _BF16
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+            return _BF16
+        return _F16
+    return _F16

@@ -1,0 +1,138 @@
+"""Pure functions over parameter pytrees: casting, finiteness, and selecting between trees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from polprec import _tree
+from polprec.policy import Policy, get_policy, parse_dtype
+
+__all__ = ["all_finite", "cast_params", "cast_tree", "select_tree"]
+
+
+def cast_tree(tree: Any, dtype: torch.dtype | str) -> Any:
+    """Cast every floating-point tensor leaf of ``tree`` to ``dtype``.
+
+    Integer, bool and complex tensors, Python scalars, ``None`` and other objects are
+    returned unchanged (the same objects), as are leaves already in ``dtype``. The cast is
+    differentiable: gradients flow back in each leaf's original dtype.
+
+    Examples:
+        >>> import torch
+        >>> tree = {"w": torch.ones(2), "step": torch.tensor(3), "name": "mlp", "b": None}
+        >>> out = cast_tree(tree, torch.bfloat16)
+        >>> out["w"].dtype, out["step"] is tree["step"], out["b"]
+        (torch.bfloat16, True, None)
+    """
+    return _tree.cast_floating(tree, parse_dtype(dtype))
+
+
+def cast_params(params: Any, policy: Policy | int | str) -> Any:
+    """Cast ``params`` to the policy's parameter dtype (``policy.cast_to_param(params)``).
+
+    Args:
+        params: a pytree of tensors, e.g. ``dict(model.named_parameters())``.
+        policy: a :class:`Policy` or any spec :func:`get_policy` accepts.
+
+    Examples:
+        >>> import torch
+        >>> params = {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}
+        >>> cast_params(params, "bf16-true")["weight"].dtype
+        torch.bfloat16
+    """
+    return get_policy(policy).cast_to_param(params)
+
+
+def all_finite(tree: Any) -> torch.Tensor:
+    """A 0-dim bool tensor: True when every floating (or complex) element of ``tree`` is finite.
+
+    Non-floating leaves are ignored; an empty tree gives ``tensor(True)``. No host
+    synchronisation; works under ``vmap`` (one flag per batch member) and ``torch.compile``.
+
+    Examples:
+        >>> import torch
+        >>> all_finite({"a": torch.ones(3), "b": [torch.tensor([1.0, float("inf")])]})
+        tensor(False)
+        >>> all_finite({})
+        tensor(True)
+    """
+    leaves = [
+        x
+        for x in _tree.tree_leaves(tree)
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+    ]
+    if not leaves:
+        return torch.tensor(True)
+    flags = [torch.isfinite(x).all() for x in leaves]
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack(flags).all()
+
+
+def _check_pred(pred: Any) -> None:
+    if not isinstance(pred, torch.Tensor):
+        raise TypeError(
+            f"pred must be a 0-dim torch.bool tensor (e.g. from all_finite or "
+            f"unscale_and_check), got {pred!r} of type {type(pred).__name__}; a Python bool "
+            "would need a host synchronisation - wrap it with torch.tensor(...)"
+        )
+    if pred.dtype != torch.bool or pred.dim() != 0:
+        raise ValueError(
+            f"pred must be a 0-dim torch.bool tensor, got dtype {pred.dtype} with shape "
+            f"{tuple(pred.shape)}; reduce it first, e.g. pred.all()"
+        )
+
+
+def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``torch.where(pred, on_true, on_false)`` for a 0-dim bool tensor ``pred``.
+
+    The canonical use skips an update whose gradients were not finite, without a host
+    synchronisation::
+
+        params, opt_state = select_tree(finite, (new_params, new_opt), (params, opt_state))
+
+    Non-tensor leaves must be equal in both trees (they cannot depend on ``pred``).
+
+    Raises:
+        TypeError: ``pred`` is not a tensor.
+        ValueError: ``pred`` is not a 0-dim bool tensor, the structures differ, or two
+            paired leaves differ in dtype or (for non-tensors) value.
+
+    Examples:
+        >>> import torch
+        >>> select_tree(torch.tensor(False), {"w": torch.ones(2)}, {"w": torch.zeros(2)})
+        {'w': tensor([0., 0.])}
+    """
+    _check_pred(pred)
+    paths, true_leaves, spec = _tree.tree_flatten_with_path(on_true)
+    false_leaves, false_spec = _tree.tree_flatten(on_false)
+    if spec != false_spec:
+        raise ValueError(
+            "select_tree needs on_true and on_false of the same structure, got\n"
+            f"  on_true:  {spec}\n  on_false: {false_spec}"
+        )
+    out = []
+    for path, a, b in zip(paths, true_leaves, false_leaves, strict=True):
+        a_t, b_t = isinstance(a, torch.Tensor), isinstance(b, torch.Tensor)
+        if a_t and b_t:
+            if a.dtype != b.dtype:
+                raise ValueError(
+                    f"select_tree: leaf {_tree.path_str(path)} has dtype {a.dtype} in on_true "
+                    f"but {b.dtype} in on_false; paired leaves must share a dtype"
+                )
+            out.append(a if a is b else torch.where(pred, a, b))
+        elif a_t or b_t:
+            raise ValueError(
+                f"select_tree: leaf {_tree.path_str(path)} is a tensor on one side only "
+                f"({type(a).__name__} vs {type(b).__name__})"
+            )
+        else:
+            if a is not b and a != b:
+                raise ValueError(
+                    f"select_tree: non-tensor leaf {_tree.path_str(path)} differs ({a!r} vs "
+                    f"{b!r}); only tensors can be selected without a host synchronisation"
+                )
+            out.append(a)
+    return _tree.tree_unflatten(spec, out)

@@ -1,0 +1,101 @@
+"""Shared fixtures: hypothesis profiles and the tree shapes every tree function is run on."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+import torch
+import torch.utils._pytree as torch_pytree
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.manual_seed(0)
+
+Pair = collections.namedtuple("Pair", ["first", "second"])
+
+
+class Registered:
+    """A container registered with torch's pytree registry (as torch.func users do)."""
+
+    def __init__(self, weight: object, extra: object) -> None:
+        self.weight = weight
+        self.extra = extra
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Registered) and (self.weight, self.extra) == (
+            other.weight,
+            other.extra,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+torch_pytree.register_pytree_node(
+    Registered,
+    lambda r: ([r.weight, r.extra], None),
+    lambda children, _: Registered(*children),
+    serialized_type_name="tests.conftest.Registered",
+)
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def make_tree(shape: str, dtype: torch.dtype = torch.float32) -> object:
+    """One tree of each shape the tree functions must handle."""
+    t = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
+    return {
+        "dict": lambda: {"w": t(3, 2), "b": t(2)},
+        "nested": lambda: {"layer": {"w": t(2, 2), "b": t(2)}, "head": {"w": t(2)}},
+        "list": lambda: [t(2), t(3)],
+        "tuple": lambda: (t(2), (t(1), t(2, 2))),
+        "namedtuple": lambda: Pair(t(2), t(3)),
+        "registered": lambda: Registered(t(2, 3), [t(1)]),
+        "empty_dict": lambda: {},
+        "empty_list": lambda: [],
+        "empty_tuple": lambda: (),
+        "none": lambda: None,
+        "mixed": lambda: {
+            "w": t(2),
+            "step": torch.tensor(3),
+            "mask": torch.tensor([True, False]),
+            "z": torch.tensor([1 + 1j]),
+            "lr": 0.1,
+            "name": "mlp",
+            "skip": None,
+            "fn": len,
+        },
+    }[shape]()
+
+
+TREE_SHAPES = [
+    "dict",
+    "nested",
+    "list",
+    "tuple",
+    "namedtuple",
+    "registered",
+    "empty_dict",
+    "empty_list",
+    "empty_tuple",
+    "none",
+    "mixed",
+]
+
+
+@pytest.fixture(params=TREE_SHAPES)
+def tree_shape(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def float_dtype(request: pytest.FixtureRequest) -> torch.dtype:
+    return request.param  # type: ignore[no-any-return]

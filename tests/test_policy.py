@@ -1,0 +1,219 @@
+"""Policy, get_policy and half_dtype: the Fabric table, jmp's grammar, round trips, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import polprec as pp
+from polprec.testing import strategies as pst
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+FABRIC_TABLE = [
+    (64, (F64, F64, F32)),
+    ("64", (F64, F64, F32)),
+    ("64-true", (F64, F64, F32)),
+    (32, (F32, F32, F32)),
+    ("32", (F32, F32, F32)),
+    ("32-true", (F32, F32, F32)),
+    (16, (F32, F16, F32)),
+    ("16", (F32, F16, F32)),
+    ("16-mixed", (F32, F16, F32)),
+    ("bf16", (F32, BF16, F32)),
+    ("bf16-mixed", (F32, BF16, F32)),
+    ("16-true", (F16, F16, F32)),
+    ("bf16-true", (BF16, BF16, F32)),
+    ("mixed_float16", (F32, F16, F32)),
+    ("mixed_bfloat16", (F32, BF16, F32)),
+]
+
+
+@pytest.mark.parametrize(("spec", "dtypes"), FABRIC_TABLE, ids=lambda v: repr(v))
+def test_fabric_and_keras_values(spec: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    policy = pp.get_policy(spec)  # type: ignore[arg-type]
+    assert (policy.param_dtype, policy.compute_dtype, policy.output_dtype) == dtypes
+
+
+JMP_GRAMMAR = [
+    ("c=f16", (F32, F16, F16)),
+    ("p=bf16,c=f32", (BF16, F32, F32)),
+    ("o=f16", (F32, F32, F16)),
+    ("params=float32,compute=bfloat16,output=float32", (F32, BF16, F32)),
+    ("p=f64", (F64, F64, F64)),
+    ("compute=half", (F32, F16, F16)),
+    ("p=float16,c=float16,o=float32", (F16, F16, F32)),
+    (" P = BF16 , O = Full ", (BF16, BF16, F32)),
+    ("output=double,params=single", (F32, F32, F64)),
+]
+
+
+@pytest.mark.parametrize(("spec", "dtypes"), JMP_GRAMMAR)
+def test_jmp_grammar(spec: str, dtypes: tuple[torch.dtype, ...]) -> None:
+    policy = pp.get_policy(spec)
+    assert (policy.param_dtype, policy.compute_dtype, policy.output_dtype) == dtypes
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("f16", F16), ("fp16", F16), ("float16", F16), ("half", F16),
+        ("bfloat16", BF16),
+        ("f32", F32), ("fp32", F32), ("float32", F32), ("float", F32), ("single", F32), ("full", F32),
+        ("f64", F64), ("fp64", F64), ("float64", F64), ("double", F64),
+    ],
+)  # fmt: skip
+def test_bare_dtype_name_means_all_three(name: str, dtype: torch.dtype) -> None:
+    assert pp.get_policy(name) == pp.Policy(dtype, dtype, dtype)
+    assert pp.get_policy(f"  {name.upper()} ") == pp.Policy(dtype, dtype, dtype)
+
+
+def test_bf16_is_the_fabric_value_not_the_bare_dtype() -> None:
+    # Fabric's "bf16" means bf16-mixed; "bfloat16" is jmp's bare dtype (all three).
+    assert pp.get_policy("bf16") == pp.get_policy("bf16-mixed")
+    assert pp.get_policy("bfloat16") == pp.Policy(BF16, BF16, BF16)
+
+
+def test_policy_accepts_names_and_is_frozen_and_hashable() -> None:
+    policy = pp.Policy("f32", "bf16", torch.float32)
+    assert policy.compute_dtype is BF16
+    assert {policy: 1}[pp.get_policy("bf16-mixed")] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.compute_dtype = F16  # type: ignore[misc]
+
+
+def test_str_format() -> None:
+    assert str(pp.get_policy("bf16-mixed")) == "params=float32,compute=bfloat16,output=float32"
+
+
+@given(pst.policies())
+def test_str_round_trips(policy: pp.Policy) -> None:
+    assert pp.get_policy(str(policy)) == policy
+    assert pp.get_policy(policy) is policy
+
+
+@given(pst.policy_specs())
+def test_every_generated_spec_parses_to_floating_dtypes(spec: object) -> None:
+    policy = pp.get_policy(spec)  # type: ignore[arg-type]
+    for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype):
+        assert d in (F16, BF16, F32, F64)
+
+
+@given(pst.policies(), pst.floating_dtypes(), pst.floating_dtypes(), pst.floating_dtypes())
+def test_with_methods_replace_one_field(
+    policy: pp.Policy, p: torch.dtype, c: torch.dtype, o: torch.dtype
+) -> None:
+    assert policy.with_param_dtype(p) == pp.Policy(p, policy.compute_dtype, policy.output_dtype)
+    assert policy.with_compute_dtype(c) == pp.Policy(policy.param_dtype, c, policy.output_dtype)
+    assert policy.with_output_dtype(o) == pp.Policy(policy.param_dtype, policy.compute_dtype, o)
+
+
+@pytest.mark.parametrize(
+    ("spec", "exc", "fragment"),
+    [
+        ("transformer-engine", ValueError, "Transformer Engine"),
+        ("transformer-engine-float16", ValueError, "not supported"),
+        ("fp8", ValueError, "float8"),
+        ("float8_e4m3fn", ValueError, "float8"),
+        ("8", ValueError, "accepted"),
+        ("17-mixed", ValueError, "'17-mixed'"),
+        ("", ValueError, "accepted"),
+        ("c=int8", ValueError, "'int8'"),
+        ("x=f16", ValueError, "unknown key 'x'"),
+        ("p=f16,p=f32", ValueError, "given twice"),
+        ("p=f16,", ValueError, "key=value"),
+        (8, ValueError, "accepted"),
+        (128, ValueError, "64, 32, 16"),
+        (True, TypeError, "True"),
+        (16.0, TypeError, "float"),
+        (torch.float16, TypeError, "torch.float16"),
+        ([16], TypeError, "list"),
+    ],
+)
+def test_invalid_specs(spec: object, exc: type[Exception], fragment: str) -> None:
+    with pytest.raises(exc, match=None) as info:
+        pp.get_policy(spec)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+def test_error_lists_accepted_forms() -> None:
+    with pytest.raises(ValueError, match="bf16-mixed") as info:
+        pp.get_policy("bf32")
+    message = str(info.value)
+    for form in ("'16-true'", "mixed_float16", "params|p", "bfloat16"):
+        assert form in message
+
+
+@pytest.mark.parametrize(
+    ("args", "exc"),
+    [
+        ((torch.int32, F32, F32), ValueError),
+        ((F32, torch.complex64, F32), ValueError),
+        ((F32, F32, "int8"), ValueError),
+        ((F32, F32, 16), TypeError),
+        ((None, F32, F32), TypeError),
+        ((F32, torch.float8_e4m3fn, F32), ValueError),
+    ],
+)
+def test_policy_rejects_bad_dtypes(args: tuple[object, ...], exc: type[Exception]) -> None:
+    with pytest.raises(exc, match=r"Policy\((param|compute|output)_dtype=") as info:
+        pp.Policy(*args)  # type: ignore[arg-type]
+    assert "accepted" in str(info.value)
+
+
+def test_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("POLPREC_PRECISION", raising=False)
+    assert pp.get_policy() == pp.get_policy("32-true")
+    monkeypatch.setenv("POLPREC_PRECISION", " BF16-Mixed ")
+    assert pp.get_policy() == pp.get_policy("bf16-mixed")
+    monkeypatch.setenv("POLPREC_PRECISION", "c=f16")
+    assert pp.get_policy() == pp.Policy(F32, F16, F16)
+    monkeypatch.setenv("POLPREC_PRECISION", "")
+    assert pp.get_policy() == pp.get_policy("32-true")
+    monkeypatch.setenv("POLPREC_PRECISION", "nonsense")
+    with pytest.raises(ValueError, match="POLPREC_PRECISION='nonsense'"):
+        pp.get_policy()
+
+
+def test_environment_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLPREC_PRECISION", "16-mixed")
+    first = pp.get_policy()
+    monkeypatch.setenv("POLPREC_PRECISION", "64")
+    assert (first, pp.get_policy()) == (pp.get_policy(16), pp.get_policy(64))
+
+
+def test_explicit_spec_wins_over_plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only `polprec run` makes a conflict an error; a user's own environment variable does not.
+    monkeypatch.setenv("POLPREC_PRECISION", "bf16-mixed")
+    assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
+
+
+def test_half_dtype() -> None:
+    assert pp.half_dtype("cpu") is BF16
+    assert pp.half_dtype(torch.device("cpu")) is BF16
+    assert pp.half_dtype() in (BF16, F16)
+    assert pp.half_dtype("meta") is F16
+    with pytest.raises(TypeError, match="1.5"):
+        pp.half_dtype(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'gpu'"):
+        pp.half_dtype("gpu")
+
+
+@pytest.mark.parametrize("bad", [1, None, torch.int64, "int32", "f8"])
+def test_parse_dtype_errors(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)) as info:
+        pp.parse_dtype(bad)  # type: ignore[arg-type]
+    assert "accepted" in str(info.value)
+
+
+@given(
+    st.sampled_from(["p", "params"]),
+    st.sampled_from(["c", "compute"]),
+    st.sampled_from(["o", "output"]),
+)
+def test_grammar_short_and_long_keys_agree(p: str, c: str, o: str) -> None:
+    assert pp.get_policy(f"{p}=bf16,{c}=f16,{o}=f64") == pp.Policy(BF16, F16, F64)
