@@ -7,19 +7,35 @@ and ``torch.compile``.
 
 from __future__ import annotations
 
+from polprec.loss_scale import (
+    DynamicLossScale,
+    LossScale,
+    NoOpLossScale,
+    StaticLossScale,
+    default_loss_scale,
+    scale_loss,
+    unscale_and_check,
+)
 from polprec.policy import Policy, get_policy, half_dtype, parse_dtype
 from polprec.tree import all_finite, cast_params, cast_tree, select_tree
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicLossScale",
+    "LossScale",
+    "NoOpLossScale",
     "Policy",
+    "StaticLossScale",
     "__version__",
     "all_finite",
     "cast_params",
     "cast_tree",
+    "default_loss_scale",
     "get_policy",
     "half_dtype",
     "parse_dtype",
+    "scale_loss",
     "select_tree",
+    "unscale_and_check",
 ]

@@ -1,0 +1,551 @@
+"""Loss-scale states and the pure functions around them."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Any
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, make_tree
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import polprec as pp
+from polprec import _tree
+from polprec.loss_scale import _unscale_and_check
+from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
+from polprec.testing import strategies as pst
+
+T, F = torch.tensor(True), torch.tensor(False)
+
+
+def _trajectory(state: Any, flags: list[bool]) -> tuple[list[float], list[int]]:
+    scales, counters = [], []
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        scales.append(float(state.loss_scale))
+        counters.append(int(state.counter))
+    return scales, counters
+
+
+# --- jmp's numbers ----------------------------------------------------------------------
+
+
+def test_jmp_period_two_trajectory() -> None:
+    scales, counters = _trajectory(
+        pp.DynamicLossScale(2.0**15, period=2), [True, True, True, False, True, True]
+    )
+    assert scales == [32768, 65536, 65536, 32768, 32768, 65536]
+    assert counters == [1, 0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("min_loss_scale", [1.0, 2.0, 0.5])
+def test_overflows_clamp_at_min_loss_scale(factor: int, min_loss_scale: float) -> None:
+    state = pp.DynamicLossScale(10.0, factor=factor, min_loss_scale=min_loss_scale)
+    for _ in range(100):
+        state = state.adjust(F)
+    assert float(state.loss_scale) == min_loss_scale
+    assert state.min_loss_scale == min_loss_scale  # the setting survived 100 rebuilds
+
+
+def test_inf_guard_and_max_loss_scale() -> None:
+    big = pp.DynamicLossScale(2.0**127, period=1)
+    assert float(big.adjust(T).loss_scale) == 2.0**127  # 2**128 is inf in float32
+    capped = pp.DynamicLossScale(2.0**10, period=1, max_loss_scale=2.0**12)
+    scales, counters = _trajectory(capped, [True] * 5)
+    assert scales == [2.0**11, 2.0**12, 2.0**12, 2.0**12, 2.0**12]
+    assert counters == [0] * 5
+    odd_cap = pp.DynamicLossScale(8.0, period=1, max_loss_scale=100.0)
+    assert _trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
+
+
+def test_hysteresis_follows_megatron() -> None:
+    # Megatron-LM's DynamicGradScaler: back off on the h-th overflow since the last growth,
+    # then on every further overflow until the scale grows again.
+    state = pp.DynamicLossScale(2.0**10, period=2, hysteresis=3)
+    flags = [False, False, False, False, True, True, False, True, False, False]
+    scales, counters = _trajectory(state, flags)
+    assert scales == [1024, 1024, 512, 256, 256, 512, 512, 512, 512, 256]
+    assert counters == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def _megatron_reference(scale: float, flags: list[bool], period: int, h: int) -> list[float]:
+    growth_tracker, tracker, out = 0, h, []
+    for finite in flags:
+        if not finite:
+            growth_tracker = 0
+            tracker -= 1
+            if tracker <= 0:
+                scale = max(scale * 0.5, 1.0)
+        else:
+            growth_tracker += 1
+            if growth_tracker == period:
+                growth_tracker, tracker = 0, h
+                scale = scale * 2.0
+        out.append(scale)
+    return out
+
+
+@given(st.lists(st.booleans(), max_size=60), st.integers(1, 4), st.integers(1, 4))
+def test_hysteresis_matches_reference_implementation(
+    flags: list[bool], period: int, h: int
+) -> None:
+    state = pp.DynamicLossScale(2.0**8, period=period, hysteresis=h)
+    assert _trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
+
+
+# --- GradScaler parity --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("init_scale", "period"), [(2.0**16, 3), (1.0, 1), (2.0**120, 2), (8.0, 5)]
+)
+def test_parity_with_grad_scaler(seed: int, init_scale: float, period: int) -> None:
+    rng = random.Random(seed)
+    flags = [rng.random() > 0.3 for _ in range(60)]
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([weight], lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=period)
+    state = pp.DynamicLossScale(init_scale, period=period, factor=2, min_loss_scale=0)
+    for flag in flags:
+        opt.zero_grad()
+        loss = (weight * (1.0 if flag else float("inf"))).sum()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        state = state.adjust(torch.tensor(flag))
+        assert float(state.loss_scale) == scaler.get_scale()
+        assert int(state.counter) == scaler.state_dict()["_growth_tracker"]
+
+
+# --- properties ---------------------------------------------------------------------------
+
+
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=50))
+def test_scale_stays_in_bounds_and_finite(state: Any, flags: list[bool]) -> None:
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        value = float(state.loss_scale)
+        assert math.isfinite(value)
+        assert value > 0
+        if isinstance(state, pp.DynamicLossScale):
+            assert value >= state.min_loss_scale
+            if state.max_loss_scale is not None:
+                assert value <= state.max_loss_scale
+            assert 0 <= int(state.counter) < state.period
+
+
+@given(pst.tensor_trees(pst.tensors(max_magnitude=1e3)), st.integers(0, 8))
+def test_unscale_of_scale_is_exact_for_powers_of_two(tree: Any, exponent: int) -> None:
+    state = pp.StaticLossScale(2.0**exponent)
+    back = state.unscale(state.scale(tree))
+    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(back), strict=True):
+        if _tree.is_float_tensor(a):
+            assert b.dtype == a.dtype
+            if torch.isfinite(state.scale(a)).all():  # no overflow in the leaf's dtype
+                assert torch.equal(a, b)
+        else:
+            assert a is b
+
+
+@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True)), pst.loss_scales())
+def test_unscale_and_check_is_pure_and_flags_exactly(tree: Any, state: Any) -> None:
+    leaves = [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    versions = [x._version for x in leaves]
+    snapshot = [x.clone() for x in leaves]
+    grads, finite = pp.unscale_and_check(tree, state)
+    assert [x._version for x in leaves] == versions
+    for x, s in zip(leaves, snapshot, strict=True):
+        assert torch.equal(x.nan_to_num(), s.nan_to_num())
+    expected = all(
+        bool(torch.isfinite(x).all()) for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)
+    )
+    assert bool(finite) == expected
+    assert finite.dtype == torch.bool
+    assert finite.dim() == 0
+    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
+
+
+@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True), mixed=False), st.integers(0, 20))
+def test_fused_and_transform_safe_paths_agree(tree: Any, exponent: int) -> None:
+    assume(_tree.tree_leaves(tree))  # vmap needs a tensor to map over
+    state = pp.StaticLossScale(2.0**exponent)
+    fused, f_ok = pp.unscale_and_check(tree, state)  # eager: torch's fused AMP kernels
+    batched = _tree.tree_map(lambda x: x[None], tree)
+    plain, p_ok = torch.func.vmap(lambda t: pp.unscale_and_check(t, state))(batched)  # plain ops
+    assert_trees_all_close(fused, _tree.tree_map(lambda x: x[0], plain), rtol=0, atol=0)
+    assert bool(f_ok) == bool(p_ok[0]) == bool(pp.all_finite(tree))
+
+
+# --- unscale_and_check details ------------------------------------------------------------
+
+
+def test_unscale_and_check_over_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
+    tree = pp.cast_tree(make_tree(tree_shape), float_dtype)
+    grads, finite = pp.unscale_and_check(tree, pp.StaticLossScale(4.0))
+    assert bool(finite)
+    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
+    assert_trees_all_equal_dtypes(grads, float_dtype)  # float16 grads stay float16
+    expected = _tree.tree_map(lambda x: x / 4 if _tree.is_float_tensor(x) else x, tree)
+    assert_trees_all_close(grads, expected, rtol=0, atol=0)
+
+
+def test_unscale_uses_the_float32_reciprocal_for_float16_grads() -> None:
+    # 2**-25 is below float16's smallest subnormal: it must not be rounded to 0 first.
+    grads = {"w": torch.tensor([1024.0], dtype=torch.float16)}
+    out, _ = pp.unscale_and_check(grads, pp.StaticLossScale(2.0**25))
+    assert out["w"].dtype == torch.float16
+    assert out["w"].item() == 2.0**-15
+
+
+def test_unscale_and_check_keeps_none_and_non_float_leaves() -> None:
+    step = torch.tensor(3)
+    grads, finite = pp.unscale_and_check(
+        {"a": None, "s": step, "w": torch.ones(2) * 8}, pp.StaticLossScale(8)
+    )
+    assert grads["a"] is None
+    assert grads["s"] is step
+    assert grads["w"].tolist() == [1.0, 1.0]
+    assert bool(finite)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_owned_path_matches_the_pure_path(dtype: torch.dtype) -> None:
+    grads = [torch.randn(5, dtype=dtype) * 64, torch.randn(2, 3).to(dtype)]
+    pure, ok1 = pp.unscale_and_check(grads, pp.StaticLossScale(64))
+    owned, ok2 = _unscale_and_check([g.clone() for g in grads], pp.StaticLossScale(64), owned=True)
+    assert_trees_all_close(pure, owned, rtol=0, atol=0)
+    assert bool(ok1) == bool(ok2)
+
+
+def test_noop_returns_grads_and_still_checks() -> None:
+    grads = {"w": torch.tensor([1.0, float("nan")])}
+    out, finite = pp.unscale_and_check(grads, pp.NoOpLossScale())
+    assert out is grads
+    assert not bool(finite)
+
+
+def test_unscale_and_check_mixed_devices_and_dtypes_grouping() -> None:
+    grads = [
+        torch.ones(3) * 2,
+        torch.ones(2, dtype=torch.float64) * 2,
+        torch.ones(1, dtype=torch.bfloat16) * 2,
+    ]
+    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(2))
+    assert bool(finite)
+    assert [g.dtype for g in out] == [torch.float32, torch.float64, torch.bfloat16]
+    assert all(bool((g == 1).all()) for g in out)
+    grads[1][0] = float("inf")
+    assert not bool(pp.unscale_and_check(grads, pp.StaticLossScale(2))[1])
+
+
+def test_unscale_and_check_under_grad_tracking() -> None:
+    w = torch.ones(3, requires_grad=True)
+    out, finite = pp.unscale_and_check({"w": w * 4}, pp.StaticLossScale(4))
+    out["w"].sum().backward()
+    assert w.grad is not None
+    assert w.grad.tolist() == [1.0, 1.0, 1.0]
+    assert bool(finite)
+
+
+# --- scale / scale_loss ------------------------------------------------------------------
+
+
+def test_scale_loss_float16_does_not_overflow() -> None:
+    loss = torch.tensor(60000.0, dtype=torch.float16)
+    scaled = pp.scale_loss(loss, pp.StaticLossScale(2.0**16))
+    assert scaled.dtype == torch.float32
+    assert math.isfinite(scaled.item())
+    assert scaled.item() == 60000.0 * 2.0**16
+
+
+@pytest.mark.parametrize(
+    ("dtype", "out"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_scale_loss_dtypes(dtype: torch.dtype, out: torch.dtype) -> None:
+    assert pp.scale_loss(torch.tensor(1.0, dtype=dtype), pp.DynamicLossScale()).dtype == out
+    noop = torch.tensor(1.0, dtype=dtype)
+    assert pp.scale_loss(noop, pp.NoOpLossScale()) is noop
+
+
+def test_scale_is_differentiable() -> None:
+    w = torch.ones(2, requires_grad=True)
+    pp.scale_loss((w * 3).sum(), pp.StaticLossScale(8)).backward()
+    assert w.grad is not None
+    assert w.grad.tolist() == [24.0, 24.0]
+
+
+# --- construction, pytree, state dicts ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "initial",
+    [
+        2.0**15,
+        32768,
+        torch.tensor(2.0**15, dtype=torch.float16),
+        torch.tensor(32768),
+        torch.tensor(2.0**15, dtype=torch.float64),
+    ],
+)
+def test_initial_scale_types_are_stored_as_float32(initial: Any) -> None:
+    for state in (pp.DynamicLossScale(initial), pp.StaticLossScale(initial)):
+        assert state.loss_scale.dtype == torch.float32
+        assert state.loss_scale.dim() == 0
+        assert float(state.loss_scale) == 32768.0
+    dyn = pp.DynamicLossScale(initial, period=1)
+    assert float(dyn.adjust(T).loss_scale) == 65536.0  # float16 scale adjusts (jmp issue 47)
+    assert dyn.counter.dtype == torch.int32
+
+
+def test_config_survives_pytree_round_trips() -> None:
+    state = pp.DynamicLossScale(
+        4.0, 1, period=7, factor=3.0, min_loss_scale=0.5, max_loss_scale=1e6, hysteresis=2
+    )
+    leaves, spec = _tree.tree_flatten(state)
+    assert len(leaves) == 3
+    rebuilt = _tree.tree_unflatten(spec, leaves)
+    import torch.utils._pytree as torch_pytree
+
+    t_leaves, t_spec = torch_pytree.tree_flatten(state)
+    via_torch = torch_pytree.tree_unflatten(t_leaves, t_spec)
+    stacked = _tree.tree_map(lambda *xs: torch.stack(xs), state, state)
+    vmapped = torch.func.vmap(lambda s: s.adjust(torch.tensor(True)))(stacked)
+    for s in (rebuilt, via_torch, stacked, vmapped):
+        assert (s.period, s.factor, s.min_loss_scale, s.max_loss_scale, s.hysteresis) == (
+            7,
+            3.0,
+            0.5,
+            1e6,
+            2,
+        )
+
+
+def test_vmap_gives_each_member_its_own_scale() -> None:
+    states = _tree.tree_map(
+        lambda *xs: torch.stack(xs), *[pp.DynamicLossScale(2.0**k, period=2) for k in (4, 5, 6)]
+    )
+    grads = {"w": torch.tensor([[1.0, 2.0], [float("inf"), 1.0], [4.0, 8.0]])}
+
+    def member(state: pp.DynamicLossScale, g: Any) -> tuple[Any, torch.Tensor, pp.DynamicLossScale]:
+        out, ok = pp.unscale_and_check(g, state)
+        return out, ok, state.adjust(ok)
+
+    out, ok, new = torch.func.vmap(member)(states, grads)
+    assert ok.tolist() == [True, False, True]
+    assert new.loss_scale.tolist() == [16.0, 16.0, 64.0]
+    assert new.counter.tolist() == [1, 0, 1]
+    assert out["w"][0].tolist() == [1 / 16, 2 / 16]
+    assert out["w"][2].tolist() == [4 / 64, 8 / 64]
+
+
+@pytest.mark.slow
+def test_compiled_adjust_unscale_select_matches_eager() -> None:
+    def step(
+        params: Any, grads: Any, state: pp.DynamicLossScale
+    ) -> tuple[Any, pp.DynamicLossScale]:
+        g, ok = pp.unscale_and_check(grads, state)
+        new = _tree.tree_map(lambda p, d: p - 0.1 * d, params, g)
+        return pp.select_tree(ok, new, params), state.adjust(ok)
+
+    compiled = torch.compile(step, fullgraph=True)
+    params = {"w": torch.ones(4), "b": torch.zeros(2)}
+    state = pp.DynamicLossScale(2.0**10, period=2, min_loss_scale=1.0)
+    for k in range(6):
+        grads = {
+            "w": torch.full((4,), 1024.0 * k),
+            "b": torch.ones(2) * (float("nan") if k == 3 else 1.0),
+        }
+        p_c, s_c = compiled(params, grads, state)
+        p_e, s_e = step(params, grads, state)
+        assert_trees_all_close(p_c, p_e, dtype=torch.float32)
+        assert float(s_c.loss_scale) == float(s_e.loss_scale)
+        assert int(s_c.counter) == int(s_e.counter)
+        assert s_c.min_loss_scale == 1.0
+        if k == 3:
+            assert_trees_all_close(p_c, params, rtol=0, atol=0)
+        params, state = p_c, s_c
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        pp.NoOpLossScale(),
+        pp.StaticLossScale(64.0),
+        pp.DynamicLossScale(
+            8.0, 3, period=5, factor=4.0, min_loss_scale=2.0, max_loss_scale=2.0**20, hysteresis=2
+        ),
+    ],
+    ids=["noop", "static", "dynamic"],
+)
+def test_state_dict_survives_torch_save_weights_only(state: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(state.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    restored = type(state).from_state_dict(loaded)
+    assert restored.state_dict().keys() == state.state_dict().keys()
+    for key, value in state.state_dict().items():
+        got = restored.state_dict()[key]
+        assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+    assert type(state.load_state_dict(loaded)) is type(state)
+
+
+def test_state_dict_errors() -> None:
+    with pytest.raises(TypeError, match="mapping"):
+        pp.DynamicLossScale.from_state_dict([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="StaticLossScale, not a DynamicLossScale"):
+        pp.DynamicLossScale.from_state_dict(pp.StaticLossScale(2).state_dict())
+    sd = pp.DynamicLossScale().state_dict()
+    del sd["period"]
+    with pytest.raises(ValueError, match=r"missing keys \['period'\]"):
+        pp.DynamicLossScale.from_state_dict(sd)
+
+
+def test_grad_scaler_state_dict_round_trip() -> None:
+    scaler = torch.amp.GradScaler(
+        "cpu", init_scale=512.0, growth_factor=4.0, backoff_factor=0.25, growth_interval=7
+    )
+    state = pp.DynamicLossScale.from_grad_scaler_state_dict(scaler.state_dict())
+    assert (
+        float(state.loss_scale),
+        state.factor,
+        state.period,
+        int(state.counter),
+        state.min_loss_scale,
+    ) == (512.0, 4.0, 7, 0, 0.0)
+    other = torch.amp.GradScaler("cpu")
+    other.load_state_dict(state.adjust(F).to_grad_scaler_state_dict())
+    assert other.get_scale() == 128.0
+    assert other.state_dict()["growth_interval"] == 7
+
+
+@pytest.mark.parametrize(
+    ("sd", "exc", "fragment"),
+    [
+        ({}, ValueError, "disabled GradScaler"),
+        (
+            {
+                "scale": 1.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.3,
+                "growth_interval": 10,
+                "_growth_tracker": 0,
+            },
+            ValueError,
+            "not 1/growth_factor",
+        ),
+        ("scale", TypeError, "GradScaler.state_dict()"),
+    ],
+)
+def test_grad_scaler_conversion_errors(sd: Any, exc: type[Exception], fragment: str) -> None:
+    with pytest.raises(exc) as info:
+        pp.DynamicLossScale.from_grad_scaler_state_dict(sd)
+    assert fragment in str(info.value)
+
+
+def test_default_loss_scale() -> None:
+    for spec in ("16-mixed", "16-true", 16, "c=f16", "o=f16"):
+        assert isinstance(pp.default_loss_scale(spec), pp.DynamicLossScale)
+    for spec in ("bf16-mixed", "bf16-true", "32-true", 64):
+        assert isinstance(pp.default_loss_scale(spec), pp.NoOpLossScale)
+
+
+def test_states_are_immutable() -> None:
+    state = pp.DynamicLossScale()
+    with pytest.raises(AttributeError):
+        state.period = 3  # type: ignore[misc]
+    before = (state.loss_scale.clone(), state.counter.clone(), state.loss_scale._version)
+    state.adjust(F)
+    state.adjust(T)
+    assert torch.equal(state.loss_scale, before[0])
+    assert torch.equal(state.counter, before[1])
+    assert state.loss_scale._version == before[2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "fragment"),
+    [
+        ({"loss_scale": 0.0}, ValueError, "loss_scale must be a finite number > 0"),
+        ({"loss_scale": -2.0}, ValueError, "-2.0"),
+        ({"loss_scale": float("inf")}, ValueError, "inf"),
+        ({"loss_scale": float("nan")}, ValueError, "nan"),
+        ({"loss_scale": "big"}, TypeError, "'big'"),
+        ({"loss_scale": torch.ones(2)}, ValueError, "0-dim"),
+        ({"loss_scale": torch.tensor(True)}, TypeError, "torch.bool"),
+        ({"loss_scale": 0.5}, ValueError, "outside [min_loss_scale"),
+        ({"period": 0}, ValueError, "period must be an int >= 1"),
+        ({"period": 2.5}, TypeError, "2.5"),
+        ({"factor": 1.0}, ValueError, "factor must be > 1"),
+        ({"factor": 0.5}, ValueError, "0.5"),
+        ({"min_loss_scale": -1.0}, ValueError, "min_loss_scale must be a finite number >= 0"),
+        ({"max_loss_scale": 0.5}, ValueError, "max_loss_scale (0.5) must be >= min_loss_scale"),
+        ({"hysteresis": 0}, ValueError, "hysteresis must be an int >= 1"),
+        ({"counter": -1}, ValueError, "counter must be >= 0"),
+        ({"counter": torch.tensor(1.5)}, TypeError, "integer tensor"),
+    ],
+)
+def test_dynamic_loss_scale_rejects_bad_settings(
+    kwargs: dict[str, Any], exc: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(exc) as info:
+        pp.DynamicLossScale(**kwargs)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", None, torch.zeros(3)])
+def test_static_loss_scale_rejects_bad_values(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        pp.StaticLossScale(bad)
+
+
+@pytest.mark.parametrize(
+    ("flag", "exc", "fragment"),
+    [
+        (torch.tensor([True, False]), ValueError, "shape (2,)"),
+        (torch.tensor(1.0), ValueError, "torch.float32"),
+        (1, TypeError, "bool"),
+        ("yes", TypeError, "'yes'"),
+    ],
+)
+def test_adjust_rejects_bad_flags(flag: Any, exc: type[Exception], fragment: str) -> None:
+    for state in (pp.NoOpLossScale(), pp.StaticLossScale(2), pp.DynamicLossScale()):
+        with pytest.raises(exc) as info:
+            state.adjust(flag)
+        assert fragment in str(info.value)
+
+
+def test_adjust_accepts_python_bool() -> None:
+    assert float(pp.DynamicLossScale(8.0).adjust(False).loss_scale) == 4.0
+
+
+@pytest.mark.parametrize(
+    "bad", [2.0, None, "dynamic", torch.tensor(2.0), torch.amp.GradScaler("cpu")]
+)
+def test_functions_reject_non_loss_scales(bad: Any) -> None:
+    with pytest.raises(TypeError, match="StaticLossScale"):
+        pp.scale_loss(torch.tensor(1.0), bad)
+    with pytest.raises(TypeError, match="StaticLossScale"):
+        pp.unscale_and_check({"w": torch.ones(1)}, bad)
+
+
+@pytest.mark.parametrize("bad", [1.0, torch.tensor(1), "loss", None])
+def test_scale_loss_rejects_non_float_losses(bad: Any) -> None:
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        pp.scale_loss(bad, pp.DynamicLossScale())
+
+
+def test_to_moves_state() -> None:
+    state = pp.DynamicLossScale(period=3).to("cpu")
+    assert state.loss_scale.device.type == "cpu"
+    assert state.period == 3

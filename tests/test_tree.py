@@ -1,0 +1,254 @@
+"""cast_tree / cast_params / Policy.cast_*, all_finite and select_tree over every tree shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES, Pair, Registered, make_tree
+from hypothesis import given
+from hypothesis import strategies as st
+
+import polprec as pp
+from polprec import _tree
+from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
+from polprec.testing import strategies as pst
+
+
+def _floats(tree: Any) -> list[torch.Tensor]:
+    return [x for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)]
+
+
+def test_cast_tree_over_shapes_and_dtypes(tree_shape: str, float_dtype: torch.dtype) -> None:
+    tree = make_tree(tree_shape)
+    out = pp.cast_tree(tree, float_dtype)
+    assert _tree.tree_structure(out) == _tree.tree_structure(tree)
+    assert_trees_all_equal_dtypes(out, float_dtype)
+    for before, after in zip(_tree.tree_leaves(tree), _tree.tree_leaves(out), strict=True):
+        if _tree.is_float_tensor(before):
+            assert after.dtype == float_dtype
+            if before.dtype == float_dtype:
+                assert after is before  # no copy
+            torch.testing.assert_close(after.double(), before.to(float_dtype).double())
+        else:
+            assert after is before  # ints, bools, complex, scalars, strings, None-free leaves
+
+
+def test_cast_keeps_dict_order_none_and_types() -> None:
+    tree = {
+        "z": torch.ones(1),
+        "a": None,
+        "m": Pair(torch.ones(1), None),
+        "r": Registered(torch.ones(1), 3),
+    }
+    out = pp.cast_tree(tree, "bf16")
+    assert list(out) == ["z", "a", "m", "r"]
+    assert out["a"] is None and out["m"].second is None
+    assert isinstance(out["m"], Pair) and isinstance(out["r"], Registered)
+    assert out["r"].extra == 3 and out["r"].weight.dtype == torch.bfloat16
+
+
+def test_policy_cast_methods(tree_shape: str) -> None:
+    tree = make_tree(tree_shape)
+    policy = pp.Policy("f16", "bf16", "f64")
+    assert_trees_all_equal_dtypes(policy.cast_to_param(tree), torch.float16)
+    assert_trees_all_equal_dtypes(policy.cast_to_compute(tree), torch.bfloat16)
+    assert_trees_all_equal_dtypes(policy.cast_to_output(tree), torch.float64)
+    assert_trees_all_equal_dtypes(pp.cast_params(tree, "bf16-true"), torch.bfloat16)
+    assert_trees_all_equal_dtypes(pp.cast_params(tree, policy), torch.float16)
+
+
+def test_single_tensor_and_non_float_single_leaves() -> None:
+    x = torch.ones(2)
+    assert pp.cast_tree(x, torch.float16).dtype == torch.float16
+    i = torch.ones(2, dtype=torch.int64)
+    assert pp.cast_tree(i, torch.float16) is i
+    assert pp.cast_tree(3.0, torch.float16) == 3.0
+
+
+def test_cast_is_differentiable_back_to_the_leaf_dtype() -> None:
+    w = torch.ones(3, requires_grad=True)
+    out = pp.cast_tree({"w": w}, torch.bfloat16)["w"]
+    (out * torch.arange(3, dtype=torch.bfloat16)).sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    assert w.grad.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_cast_does_not_mutate(tree_shape: str) -> None:
+    tree = make_tree(tree_shape)
+    versions = [x._version for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    pp.cast_tree(tree, torch.float16)
+    assert versions == [x._version for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+@given(pst.tensor_trees(), pst.floating_dtypes())
+def test_cast_is_idempotent(tree: Any, dtype: torch.dtype) -> None:
+    once = pp.cast_tree(tree, dtype)
+    twice = pp.cast_tree(once, dtype)
+    for a, b in zip(_tree.tree_leaves(once), _tree.tree_leaves(twice), strict=True):
+        assert a is b
+
+
+_WIDER = {
+    torch.float16: [torch.float32, torch.float64],
+    torch.bfloat16: [torch.float32, torch.float64],
+    torch.float32: [torch.float64],
+    torch.float64: [],
+}
+
+
+@given(pst.tensor_trees(), st.data())
+def test_widening_and_back_is_exact(tree: Any, data: st.DataObject) -> None:
+    for narrow, wider in _WIDER.items():
+        if not wider:
+            continue
+        start = pp.cast_tree(tree, narrow)
+        wide = data.draw(st.sampled_from(wider))
+        back = pp.cast_tree(pp.cast_tree(start, wide), narrow)
+        for a, b in zip(_floats(start), _floats(back), strict=True):
+            assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan()))
+
+
+@given(pst.tensor_trees(), pst.floating_dtypes())
+def test_non_floating_leaves_are_the_same_objects(tree: Any, dtype: torch.dtype) -> None:
+    out = pp.cast_tree(tree, dtype)
+    assert _tree.tree_structure(out) == _tree.tree_structure(tree)
+    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(out), strict=True):
+        if not _tree.is_float_tensor(a):
+            assert a is b
+
+
+@pytest.mark.parametrize("bad", [torch.int32, "int8", 3, None, torch.complex64])
+def test_cast_tree_rejects_bad_dtype(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)) as info:
+        pp.cast_tree({"w": torch.ones(1)}, bad)  # type: ignore[arg-type]
+    assert "accepted" in str(info.value)
+
+
+# --- all_finite -------------------------------------------------------------------------
+
+
+def test_all_finite_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
+    tree = pp.cast_tree(make_tree(tree_shape), float_dtype)
+    flag = pp.all_finite(tree)
+    assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag)
+    floats = _floats(tree)
+    if floats:
+        poisoned = _tree.tree_map(
+            lambda x: x.clone().fill_(float("nan")) if x is floats[-1] else x, tree
+        )
+        assert not bool(pp.all_finite(poisoned))
+
+
+@pytest.mark.parametrize("empty", [{}, [], (), None, {"a": None}, [1, "x"]])
+def test_all_finite_empty_is_true(empty: Any) -> None:
+    flag = pp.all_finite(empty)
+    assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag)
+
+
+def test_all_finite_complex_and_ints() -> None:
+    assert not bool(pp.all_finite([torch.tensor([1 + 1j, complex("inf")])]))
+    assert bool(pp.all_finite([torch.tensor([2**62])]))
+
+
+@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True)))
+def test_all_finite_matches_elementwise_definition(tree: Any) -> None:
+    expected = all(
+        bool(torch.isfinite(x).all())
+        for x in _tree.tree_leaves(tree)
+        if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
+    )
+    assert bool(pp.all_finite(tree)) == expected
+
+
+def test_all_finite_under_vmap() -> None:
+    x = torch.ones(3, 4)
+    x[1, 2] = float("inf")
+    flags = torch.func.vmap(lambda row: pp.all_finite({"x": row}))(x)
+    assert flags.tolist() == [True, False, True]
+
+
+# --- select_tree ------------------------------------------------------------------------
+
+
+def test_select_tree_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
+    a = pp.cast_tree(make_tree(tree_shape), float_dtype)
+    b = _tree.tree_map(lambda x: x + 1 if _tree.is_float_tensor(x) else x, a)
+    assert_trees_all_close(pp.select_tree(torch.tensor(True), a, b), a, rtol=0, atol=0)
+    assert_trees_all_close(pp.select_tree(torch.tensor(False), a, b), b, rtol=0, atol=0)
+
+
+@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True), mixed=False), st.booleans())
+def test_select_tree_returns_exactly_one_side(tree: Any, pick: bool) -> None:
+    other = _tree.tree_map(lambda x: torch.rand_like(x.float()).to(x.dtype), tree)
+    out = pp.select_tree(torch.tensor(pick), tree, other)
+    expected = tree if pick else other
+    for got, want in zip(_tree.tree_leaves(out), _tree.tree_leaves(expected), strict=True):
+        assert got.dtype == want.dtype
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+def test_select_tree_under_vmap_and_compile() -> None:
+    a = {"w": torch.zeros(3, 2)}
+    b = {"w": torch.ones(3, 2)}
+    pred = torch.tensor([True, False, True])
+    out = torch.func.vmap(pp.select_tree)(pred, a, b)
+    assert out["w"][:, 0].tolist() == [0.0, 1.0, 0.0]
+    compiled = torch.compile(pp.select_tree, fullgraph=True)
+    assert torch.equal(compiled(torch.tensor(False), a, b)["w"], b["w"])
+
+
+@pytest.mark.parametrize(
+    ("pred", "on_true", "on_false", "exc", "fragment"),
+    [
+        (True, {"a": torch.ones(1)}, {"a": torch.ones(1)}, TypeError, "torch.tensor"),
+        (torch.tensor(1), {"a": torch.ones(1)}, {"a": torch.ones(1)}, ValueError, "torch.int64"),
+        (torch.tensor([True]), {"a": torch.ones(1)}, {"a": torch.ones(1)}, ValueError, "(1,)"),
+        (
+            torch.tensor(True),
+            {"a": torch.ones(1)},
+            {"b": torch.ones(1)},
+            ValueError,
+            "same structure",
+        ),
+        (
+            torch.tensor(True),
+            [torch.ones(1)],
+            [torch.ones(1), torch.ones(1)],
+            ValueError,
+            "same structure",
+        ),
+        (
+            torch.tensor(True),
+            {"a": torch.ones(1)},
+            {"a": torch.ones(1).half()},
+            ValueError,
+            "leaf a has dtype",
+        ),
+        (torch.tensor(True), {"a": torch.ones(1)}, {"a": 1.0}, ValueError, "tensor on one side"),
+        (torch.tensor(True), {"a": 1}, {"a": 2}, ValueError, "non-tensor leaf a differs"),
+    ],
+)
+def test_select_tree_errors(
+    pred: Any, on_true: Any, on_false: Any, exc: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(exc) as info:
+        pp.select_tree(pred, on_true, on_false)
+    assert fragment in str(info.value)
+
+
+def test_select_tree_keeps_equal_non_tensor_leaves() -> None:
+    out = pp.select_tree(
+        torch.tensor(False), {"lr": 0.1, "w": torch.ones(1)}, {"lr": 0.1, "w": torch.zeros(1)}
+    )
+    assert out["lr"] == 0.1 and out["w"].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_select_tree_does_not_mutate(dtype: torch.dtype) -> None:
+    a, b = {"w": torch.ones(2, dtype=dtype)}, {"w": torch.zeros(2, dtype=dtype)}
+    versions = (a["w"]._version, b["w"]._version)
+    pp.select_tree(torch.tensor(True), a, b)
+    assert (a["w"]._version, b["w"]._version) == versions
