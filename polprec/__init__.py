@@ -7,6 +7,8 @@ and ``torch.compile``.
 
 from __future__ import annotations
 
+from polprec.apply import apply_with_policy, autocast, full_precision
+from polprec.grad import value_and_grad
 from polprec.loss_scale import (
     DynamicLossScale,
     LossScale,
@@ -29,13 +31,17 @@ __all__ = [
     "StaticLossScale",
     "__version__",
     "all_finite",
+    "apply_with_policy",
+    "autocast",
     "cast_params",
     "cast_tree",
     "default_loss_scale",
+    "full_precision",
     "get_policy",
     "half_dtype",
     "parse_dtype",
     "scale_loss",
     "select_tree",
     "unscale_and_check",
+    "value_and_grad",
 ]

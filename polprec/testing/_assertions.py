@@ -200,7 +200,8 @@ def assert_matches_full_precision(
     Calls ``fn(cast_params(params, policy), *args, policy=policy, **kwargs)`` and
     ``fn(cast_params(params, "32-true"), *args, policy="32-true", **kwargs)`` (float32
     parameters from the same values), then compares the two results with the tolerance of the
-    policy's lowest-precision dtype (compute or param), converting both to float32 first.
+    policy's lowest-precision dtype (compute, param, or float32 for the reference),
+    converting both to float32 first.
 
     Returns:
         ``(result_under_policy, result_in_float32)``.
@@ -219,7 +220,7 @@ def assert_matches_full_precision(
     low = pol.cast_to_param(params)
     got = fn(low, *args, policy=pol, **kwargs)
     ref = fn(full.cast_to_param(params), *args, policy=full, **kwargs)
-    d = _lowest(pol.compute_dtype, pol.param_dtype)
+    d = _lowest(pol.compute_dtype, pol.param_dtype, torch.float32)  # the reference is float32
     d_rtol, d_atol = _TOLERANCES[d]
     assert_trees_all_close(
         _tree.cast_floating(got, torch.float32),

@@ -1,0 +1,211 @@
+"""Running a module under a policy: ``apply_with_policy``, ``autocast`` and ``full_precision``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from polprec import _tree
+from polprec.policy import Policy, get_policy
+
+__all__ = ["apply_with_policy", "autocast", "full_precision"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _device_type(*trees: Any) -> str:
+    """The device type of the first tensor in ``trees`` (torch's default device if none)."""
+    for tree in trees:
+        for leaf in _tree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                return leaf.device.type
+    return torch.get_default_device().type
+
+
+def autocast(
+    policy: Policy | int | str | None = None, device_type: str | None = None
+) -> torch.autocast | _NullContext:
+    """``torch.autocast`` to the policy's compute dtype, for code outside the forward.
+
+    The counterpart of Lightning Fabric's ``fabric.autocast()``: a loss computed outside the
+    model's forward runs under the same policy. A no-op for 32/64-bit compute dtypes.
+
+    Args:
+        policy: a :class:`Policy` or any spec :func:`get_policy` accepts (``None`` reads
+            ``POLPREC_PRECISION``).
+        device_type: ``"cpu"``, ``"cuda"``, ...; defaults to torch's default device.
+
+    Examples:
+        >>> import torch
+        >>> with autocast("bf16-mixed", "cpu"):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.bfloat16
+    """
+    policy = get_policy(policy)
+    if device_type is None:
+        device_type = torch.get_default_device().type
+    elif not isinstance(device_type, str):
+        raise TypeError(
+            f"device_type must be a str such as 'cpu' or 'cuda', got {device_type!r} of type "
+            f"{type(device_type).__name__}"
+        )
+    if policy.compute_dtype in _HALF:
+        return torch.autocast(device_type, dtype=policy.compute_dtype)
+    return _NullContext()
+
+
+class _NullContext:
+    """A do-nothing context manager (traceable by torch.compile)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _autocast_off(device_type: str) -> torch.autocast:
+    return torch.autocast(device_type, enabled=False)
+
+
+class full_precision:  # lower case: used like a function, `with full_precision():`
+    """Keep a region in float32 inside a low-precision forward.
+
+    As a context manager it switches autocast off (on CPU and on the CUDA device when there
+    is one), so ops run in their inputs' dtype: pass float32 tensors into the region. As a
+    decorator it also casts the function's floating tensor arguments to float32, which is
+    what scatter-style operations (Lightning's note) and numerically sensitive reductions
+    need; it works under ``vmap``, ``grad`` and ``torch.compile``.
+
+    Examples:
+        >>> import torch
+        >>> @full_precision()
+        ... def total(x):
+        ...     return x.sum()
+        >>> total(torch.ones(3, dtype=torch.bfloat16)).dtype
+        torch.float32
+        >>> with autocast("bf16-mixed", "cpu"), full_precision():
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+
+    def __init__(self) -> None:
+        types = ["cpu"]
+        if torch.cuda.is_available():
+            types.append("cuda")
+        self._contexts = [_autocast_off(t) for t in types]
+
+    def __enter__(self) -> full_precision:
+        for ctx in self._contexts:
+            ctx.__enter__()  # type: ignore[no-untyped-call]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for ctx in reversed(self._contexts):
+            ctx.__exit__(*exc)
+
+    def __call__(self, fn: _F) -> _F:
+        if not callable(fn):
+            raise TypeError(f"full_precision() decorates a callable, got {fn!r}")
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _tree.cast_floating((args, kwargs), torch.float32)
+            with full_precision():
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+def _as_args(args: Any) -> tuple[Any, ...]:
+    return args if isinstance(args, tuple) else (args,)
+
+
+def apply_with_policy(
+    module: nn.Module,
+    params_and_buffers: Mapping[str, Any] | tuple[Mapping[str, Any], ...],
+    args: Any = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    policy: Policy | int | str | None,
+    strict: bool = False,
+    tie_weights: bool = True,
+) -> Any:
+    """``torch.func.functional_call`` under a mixed-precision policy.
+
+    Floating inputs are cast to the compute dtype, the module runs under the policy and its
+    floating outputs are cast to the output dtype. Gradients with respect to
+    ``params_and_buffers`` come back in the dtype each parameter was passed in (the param
+    dtype), because every cast is differentiable.
+
+    How the module runs:
+
+    * mixed policies (16-bit compute, 32/64-bit params): ``torch.autocast`` on the device of
+      the tensors. Under a ``torch.func`` transform (``vmap``, ``grad``, ...) the parameters
+      and buffers are also cast to the compute dtype explicitly, because autocast alone loses
+      the dtype there (``nn.Linear`` with bias returns float32 under ``vmap``, pytorch issue
+      192617; ``vmap(grad(...))`` through ``LayerNorm`` fails, pytorch issue 184890).
+      The check is ``torch._C._are_functorch_transforms_active()``, which
+      ``torch.compile(fullgraph=True)`` traces.
+    * every other policy ("true" 16-bit, float32, float64): parameters and buffers are cast
+      to the compute dtype explicitly and autocast is switched off.
+
+    With explicit casts, floating buffers are cast copies: in-place buffer updates (BatchNorm
+    running statistics in training mode) land in the copy unless the buffers are already in
+    the compute dtype (``cast_params`` the buffers too).
+
+    Args:
+        module: the ``nn.Module`` whose ``forward`` runs.
+        params_and_buffers: parameters and buffers by name (or a tuple of such dicts), as
+            for ``functional_call``; usually already cast with :func:`cast_params`.
+        args: positional inputs (a single non-tuple value is one argument).
+        kwargs: keyword inputs.
+        policy: a :class:`Policy` or any spec :func:`get_policy` accepts.
+        strict: as for ``functional_call``: every parameter and buffer must be given.
+        tie_weights: as for ``functional_call``.
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> params = dict(model.named_parameters())
+        >>> out = apply_with_policy(model, params, torch.ones(4, 3), policy="bf16-mixed")
+        >>> out.dtype
+        torch.float32
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(params_and_buffers, Mapping | tuple):
+        raise TypeError(
+            "params_and_buffers must be a dict of tensors by name (or a tuple of dicts), got "
+            f"{type(params_and_buffers).__name__}"
+        )
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    policy = get_policy(policy)
+    args = policy.cast_to_compute(_as_args(args))
+    kwargs = policy.cast_to_compute(dict(kwargs))
+    device_type = _device_type(params_and_buffers, args, kwargs)
+    if policy.is_mixed:
+        ctx = torch.autocast(device_type, dtype=policy.compute_dtype)
+        if torch._C._are_functorch_transforms_active():
+            params_and_buffers = policy.cast_to_compute(params_and_buffers)
+    else:
+        ctx = _autocast_off(device_type)
+        params_and_buffers = policy.cast_to_compute(params_and_buffers)
+    with ctx:
+        out = torch.func.functional_call(
+            module,
+            params_and_buffers,  # type: ignore[arg-type]
+            args,
+            dict(kwargs),
+            strict=strict,
+            tie_weights=tie_weights,
+        )
+    return policy.cast_to_output(out)

@@ -1,0 +1,361 @@
+"""apply_with_policy, autocast, full_precision and value_and_grad under eager, grad, vmap, compile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+import polprec as pp
+from polprec import _tree
+from polprec.testing import (
+    assert_matches_full_precision,
+    assert_trees_all_close,
+    assert_trees_all_equal_dtypes,
+)
+
+POLICIES = ["bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32-true"]
+
+
+class Block(nn.Module):
+    """Linear -> LayerNorm -> GELU -> MultiheadAttention -> Linear, mean-pooled to a scalar."""
+
+    def __init__(self, d_in: int = 8, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.out = nn.Linear(d, 1)
+        self.seen: list[torch.dtype] = []
+        self.inp.register_forward_hook(lambda m, i, o: self.seen.append(o.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.norm(self.inp(x)))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(a + h).squeeze(-1).mean(-1)
+
+
+@pytest.fixture
+def block() -> Block:
+    torch.manual_seed(0)
+    return Block()
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 5, 8, generator=g), torch.randn(n, generator=g)
+
+
+def _loss_fn(model: nn.Module, policy: Any) -> Any:
+    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = pp.apply_with_policy(model, params, (x,), policy=policy)
+        return ((out.float() - y) ** 2).mean()
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("spec", POLICIES)
+def test_eager_dtypes_and_accuracy(block: Block, spec: str) -> None:
+    policy = pp.get_policy(spec)
+    x, y = _batch()
+    params = dict(block.named_parameters())
+
+    def forward(p: Any, x: torch.Tensor, *, policy: pp.Policy) -> torch.Tensor:
+        return pp.apply_with_policy(block, p, x, policy=policy)
+
+    block.seen.clear()
+    out, ref = assert_matches_full_precision(forward, params, x, policy=policy)
+    assert block.seen[0] == policy.compute_dtype  # dtype inside the first Linear
+    assert out.dtype == policy.output_dtype
+    assert ref.dtype == torch.float32
+
+    low = pp.cast_params(params, policy)
+    _loss, grads, finite, _ = pp.value_and_grad(_loss_fn(block, policy))(
+        low, x, y, loss_scale=pp.default_loss_scale(policy)
+    )
+    assert bool(finite)
+    assert_trees_all_equal_dtypes(grads, policy.param_dtype)
+    _, ref_grads, _, _ = pp.value_and_grad(_loss_fn(block, "32-true"))(
+        params, x, y, loss_scale=pp.NoOpLossScale()
+    )
+    rel = _relative_error(grads, ref_grads)
+    assert rel < {torch.bfloat16: 0.1, torch.float16: 0.02}.get(policy.compute_dtype, 1e-4), rel
+
+
+def _relative_error(a: Any, b: Any) -> float:
+    la = torch.cat([x.detach().double().flatten() for x in _tree.tree_leaves(a)])
+    lb = torch.cat([x.detach().double().flatten() for x in _tree.tree_leaves(b)])
+    return float((la - lb).norm() / lb.norm())
+
+
+def test_policy_spec_strings_and_output_dtype(block: Block) -> None:
+    x, _ = _batch()
+    out = pp.apply_with_policy(block, dict(block.named_parameters()), x, policy="c=bf16")
+    assert out.dtype == torch.bfloat16  # jmp grammar: output follows compute
+
+
+def test_inputs_and_params_are_not_mutated(block: Block) -> None:
+    x, y = _batch()
+    params = dict(block.named_parameters())
+    tensors = [*params.values(), x, y]
+    versions = [t._version for t in tensors]
+    snapshot = [t.detach().clone() for t in tensors]
+    for spec in ("bf16-mixed", "16-true", "64-true"):
+        pp.value_and_grad(_loss_fn(block, spec))(
+            pp.cast_params(params, spec), x, y, loss_scale=pp.DynamicLossScale()
+        )
+        vmap(grad(_loss_fn(block, spec)), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    assert [t._version for t in tensors] == versions
+    assert all(torch.equal(t, s) for t, s in zip(tensors, snapshot, strict=True))
+    assert list(params) == [n for n, _ in block.named_parameters()]
+
+
+def test_per_sample_gradients_under_vmap_grad(block: Block) -> None:
+    x, y = _batch()
+    params = dict(block.named_parameters())
+
+    def per_sample(spec: str) -> Any:
+        fn = _loss_fn(block, spec)
+        return vmap(grad(lambda p, xi, yi: fn(p, xi[None], yi[None])), in_dims=(None, 0, 0))(
+            params, x, y
+        )
+
+    block.seen.clear()
+    low = per_sample("bf16-mixed")
+    assert block.seen == [torch.bfloat16]  # autocast alone would run float32 here
+    ref = per_sample("32-true")
+    assert_trees_all_equal_dtypes(low, torch.float32)
+    for name in params:
+        assert low[name].shape == (len(x), *params[name].shape)
+    assert _relative_error(low, ref) < 0.05
+
+
+def test_autocast_alone_loses_the_dtype_under_vmap(block: Block) -> None:
+    # The pytorch bugs polprec works around (192617, 184890); if torch fixes them this
+    # test fails and the explicit casts under transforms can be revisited.
+    x, y = _batch()
+    params = dict(block.named_parameters())
+    lin = nn.Linear(8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vmap(lambda xi: functional_call(lin, dict(lin.named_parameters()), (xi,)))(x)
+    assert out.dtype == torch.float32
+
+    def plain(p: Any, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ((functional_call(block, p, (xi[None],)).float() - yi) ** 2).mean()
+
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        vmap(grad(plain), in_dims=(None, 0, 0))(params, x, y)
+
+
+def test_ensemble_members_keep_their_own_loss_scale() -> None:
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1)) for _ in range(3)]
+    params, _buffers = stack_module_state(members)
+    base = members[0].to("meta")
+    policy = pp.get_policy("16-mixed")
+
+    def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return pp.apply_with_policy(base, p, x, policy=policy).float().pow(2).mean()
+
+    step = pp.value_and_grad(loss_fn)
+    scales = _tree.tree_map(lambda *s: torch.stack(s), *[pp.DynamicLossScale(2.0**10)] * 3)
+    x = torch.randn(3, 5, 4)
+    x[1, 0, 0] = 1e30  # member 1's batch overflows float16
+
+    def member(p: Any, xb: torch.Tensor, ls: pp.DynamicLossScale) -> Any:
+        return step(p, xb, loss_scale=ls)
+
+    _loss, grads, finite, new_scales = vmap(member)(params, x, scales)
+    assert finite.tolist() == [True, False, True]
+    assert new_scales.loss_scale.tolist() == [2.0**10, 2.0**9, 2.0**10]
+    assert new_scales.counter.tolist() == [1, 0, 1]
+    assert_trees_all_equal_dtypes(grads, torch.float32)
+    assert bool(torch.isfinite(grads["0.weight"][0]).all())
+
+
+@pytest.mark.slow
+def test_compiled_full_step_matches_eager_and_skips_nan() -> None:
+    # No attention here: torch 2.13 cannot compile torch.func.grad through CPU SDPA
+    # ("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward").
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 1))
+    policy = pp.get_policy("16-mixed")
+    # Plain tensors, as in a functional loop (dynamo warns about .grad of non-leaf inputs).
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = pp.apply_with_policy(model, p, (x,), policy=policy).squeeze(-1).mean(-1)
+        return ((out - y) ** 2).mean()
+
+    step_grad = pp.value_and_grad(loss_fn)
+
+    def train_step(p: Any, x: torch.Tensor, y: torch.Tensor, ls: pp.DynamicLossScale) -> Any:
+        loss, grads, finite, ls = step_grad(p, x, y, loss_scale=ls)
+        new = _tree.tree_map(lambda w, g: w - 0.05 * g, p, grads)
+        return loss, pp.select_tree(finite, new, p), ls
+
+    compiled = torch.compile(train_step, fullgraph=True)
+    x, y = _batch()
+    state = pp.DynamicLossScale(2.0**12)
+    loss_c, params_c, state_c = compiled(params, x, y, state)
+    loss_e, params_e, state_e = train_step(params, x, y, state)
+    assert_trees_all_close(loss_c, loss_e, dtype=torch.float16)
+    assert_trees_all_close(params_c, params_e, rtol=1e-3, atol=1e-4)
+    assert float(state_c.loss_scale) == float(state_e.loss_scale) == 2.0**12
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    _, params_n, state_n = compiled(params_c, bad, y, state_c)
+    assert_trees_all_close(params_n, params_c, rtol=0, atol=0)
+    assert float(state_n.loss_scale) == 2.0**11
+
+
+def test_full_precision_region_runs_float32() -> None:
+    class Scatter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.seen: list[torch.dtype] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return self.pool(h, torch.tensor([0, 1, 0]))
+
+        @pp.full_precision()
+        def pool(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            self.seen.append(h.dtype)
+            out = torch.zeros(2, h.shape[-1], dtype=h.dtype).index_add(0, index, h)
+            self.seen.append((out @ out.T).dtype)  # autocast is off inside
+            return out
+
+    model = Scatter()
+    params = dict(model.named_parameters())
+    out = pp.apply_with_policy(model, params, torch.randn(3, 4), policy="bf16-mixed")
+    assert model.seen == [torch.float32, torch.float32]
+    assert out.dtype == torch.float32
+    model.seen.clear()
+    vmap(lambda x: pp.apply_with_policy(model, params, x, policy="bf16-true"))(torch.randn(2, 3, 4))
+    assert model.seen == [torch.float32, torch.float32]
+
+
+def test_full_precision_as_context_manager() -> None:
+    a = torch.randn(4, 4)
+    with pp.autocast("bf16-mixed", "cpu"):
+        assert (a @ a).dtype == torch.bfloat16
+        with pp.full_precision():
+            assert (a @ a).dtype == torch.float32
+        assert (a @ a).dtype == torch.bfloat16
+
+
+def test_autocast_is_a_noop_for_full_precision_policies() -> None:
+    a = torch.randn(2, 2)
+    for spec in ("32-true", "64-true", "bf16-true"):
+        with pp.autocast(spec, "cpu"):
+            out = a @ a
+        assert out.dtype == (torch.bfloat16 if spec == "bf16-true" else torch.float32)
+
+
+def test_value_and_grad_has_aux_and_non_float_leaves() -> None:
+    def loss_fn(p: Any, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pred = p["w"] * x
+        return pred.sum(), {"pred": pred, "steps": p["steps"] + 1}
+
+    params = {"w": torch.ones(3), "steps": torch.tensor(4)}
+    (loss, aux), grads, finite, state = pp.value_and_grad(loss_fn, has_aux=True)(
+        params, torch.arange(3.0), loss_scale=pp.StaticLossScale(8.0)
+    )
+    assert float(loss) == 3.0
+    assert aux["pred"].tolist() == [0.0, 1.0, 2.0]
+    assert int(aux["steps"]) == 5
+    assert grads["w"].tolist() == [0.0, 1.0, 2.0]
+    assert grads["steps"] is None
+    assert not loss.requires_grad
+    assert bool(finite)
+    assert isinstance(state, pp.StaticLossScale)
+
+
+def test_value_and_grad_unused_parameter_gets_zero_grad() -> None:
+    step = pp.value_and_grad(lambda p: (p["a"] ** 2).sum())
+    _, grads, _, _ = step(
+        {"a": torch.ones(2), "unused": torch.ones(3)}, loss_scale=pp.NoOpLossScale()
+    )
+    assert grads["unused"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_value_and_grad_shared_gradient_buffers_are_not_unscaled_twice() -> None:
+    # (a + b).sum() hands the same gradient tensor to a and b: the in-place fast path must
+    # not unscale it twice.
+    step = pp.value_and_grad(lambda p: (p["a"] + p["b"]).sum())
+    _, grads, _, _ = step(
+        {"a": torch.ones(1), "b": torch.ones(1)}, loss_scale=pp.StaticLossScale(4.0)
+    )
+    assert grads["a"].tolist() == [1.0]
+    assert grads["b"].tolist() == [1.0]
+
+
+def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
+    x, y = _batch()
+    params = dict(block.named_parameters())
+    step = pp.value_and_grad(_loss_fn(block, "32-true"))
+    loss_e, grads_e, _, _ = step(params, x, y, loss_scale=pp.StaticLossScale(2.0**8))
+    # Inside vmap (batch of one) the torch.func path runs.
+    loss_v, grads_v, _, _ = vmap(
+        lambda xb, yb: step(params, xb, yb, loss_scale=pp.StaticLossScale(2.0**8))
+    )(x[None], y[None])
+    assert_trees_all_close(loss_v[0], loss_e, dtype=torch.float32)
+    assert_trees_all_close(_tree.tree_map(lambda g: g[0], grads_v), grads_e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "fragment"),
+    [
+        (lambda m, p: pp.apply_with_policy("model", p, policy="bf16"), TypeError, "nn.Module"),  # type: ignore[arg-type]
+        (lambda m, p: pp.apply_with_policy(m, [1], policy="bf16"), TypeError, "params_and_buffers"),  # type: ignore[arg-type]
+        (
+            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), kwargs=[1], policy="bf16"),
+            TypeError,
+            "kwargs",
+        ),  # type: ignore[arg-type]
+        (
+            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), policy="fp8"),
+            ValueError,
+            "accepted",
+        ),
+        (lambda m, p: pp.value_and_grad("f"), TypeError, "callable"),  # type: ignore[arg-type]
+        (lambda m, p: pp.value_and_grad(lambda q: q, has_aux=1), TypeError, "has_aux"),  # type: ignore[arg-type]
+        (
+            lambda m, p: pp.value_and_grad(lambda q: q["weight"])(p, loss_scale=pp.NoOpLossScale()),
+            TypeError,
+            "scalar",
+        ),
+        (
+            lambda m, p: pp.value_and_grad(lambda q: (q["weight"].sum(), 1))(
+                p, loss_scale=pp.NoOpLossScale()
+            ),
+            TypeError,
+            "has_aux=True",
+        ),
+        (
+            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum(), has_aux=True)(
+                p, loss_scale=pp.NoOpLossScale()
+            ),
+            TypeError,
+            "(loss, aux)",
+        ),
+        (
+            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum())(p, loss_scale=1.0),
+            TypeError,
+            "DynamicLossScale",
+        ),
+        (lambda m, p: pp.autocast("bf16", device_type=0), TypeError, "device_type"),  # type: ignore[arg-type]
+        (lambda m, p: pp.full_precision()(3), TypeError, "callable"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_input(call: Any, exc: type[Exception], fragment: str) -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(exc) as info:
+        call(model, dict(model.named_parameters()))
+    assert fragment in str(info.value)
