@@ -19,6 +19,7 @@ from polprec.loss_scale import (
     unscale_and_check,
 )
 from polprec.policy import Policy, get_policy, half_dtype, parse_dtype
+from polprec.rules import PolicyRules
 from polprec.tree import all_finite, cast_params, cast_tree, select_tree
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "LossScale",
     "NoOpLossScale",
     "Policy",
+    "PolicyRules",
     "StaticLossScale",
     "__version__",
     "all_finite",

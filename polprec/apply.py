@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 from polprec import _tree
 from polprec.policy import Policy, get_policy
+
+if TYPE_CHECKING:
+    from polprec.rules import PolicyRules
 
 __all__ = ["apply_with_policy", "autocast", "full_precision"]
 
@@ -73,6 +76,24 @@ def _autocast_off(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
+def _policy_context(policy: Policy, device_type: str) -> torch.autocast:
+    """The autocast state a module runs in under ``policy``: on for mixed policies, else off."""
+    if policy.is_mixed:
+        return torch.autocast(device_type, dtype=policy.compute_dtype)
+    return _autocast_off(device_type)
+
+
+def _params_for_compute(policy: Policy, tree: Any) -> Any:
+    """Params/buffers as the module should see them under ``policy``.
+
+    Mixed policies leave the casts to autocast, except under torch.func transforms where
+    autocast alone loses the dtype; every other policy casts explicitly.
+    """
+    if policy.is_mixed and not torch._C._are_functorch_transforms_active():
+        return tree
+    return policy.cast_to_compute(tree)
+
+
 class full_precision:  # lower case: used like a function, `with full_precision():`
     """Keep a region in float32 inside a low-precision forward.
 
@@ -132,7 +153,7 @@ def apply_with_policy(
     args: Any = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
-    policy: Policy | int | str | None,
+    policy: Policy | PolicyRules | int | str | None,
     strict: bool = False,
     tie_weights: bool = True,
 ) -> Any:
@@ -157,7 +178,8 @@ def apply_with_policy(
 
     With explicit casts, floating buffers are cast copies: in-place buffer updates (BatchNorm
     running statistics in training mode) land in the copy unless the buffers are already in
-    the compute dtype (``cast_params`` the buffers too).
+    the compute dtype (``cast_params`` the buffers too, or keep BatchNorm in float32 with
+    :class:`~polprec.PolicyRules`).
 
     Args:
         module: the ``nn.Module`` whose ``forward`` runs.
@@ -165,7 +187,9 @@ def apply_with_policy(
             for ``functional_call``; usually already cast with :func:`cast_params`.
         args: positional inputs (a single non-tuple value is one argument).
         kwargs: keyword inputs.
-        policy: a :class:`Policy` or any spec :func:`get_policy` accepts.
+        policy: a :class:`Policy`, any spec :func:`get_policy` accepts, or
+            :class:`~polprec.PolicyRules` for per-module-class and per-path policies
+            (precision islands).
         strict: as for ``functional_call``: every parameter and buffer must be given.
         tie_weights: as for ``functional_call``.
 
@@ -188,18 +212,18 @@ def apply_with_policy(
         kwargs = {}
     elif not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    from polprec.rules import PolicyRules
+
+    if isinstance(policy, PolicyRules):
+        return policy._apply(
+            module, params_and_buffers, _as_args(args), dict(kwargs), strict, tie_weights
+        )
     policy = get_policy(policy)
     args = policy.cast_to_compute(_as_args(args))
     kwargs = policy.cast_to_compute(dict(kwargs))
     device_type = _device_type(params_and_buffers, args, kwargs)
-    if policy.is_mixed:
-        ctx = torch.autocast(device_type, dtype=policy.compute_dtype)
-        if torch._C._are_functorch_transforms_active():
-            params_and_buffers = policy.cast_to_compute(params_and_buffers)
-    else:
-        ctx = _autocast_off(device_type)
-        params_and_buffers = policy.cast_to_compute(params_and_buffers)
-    with ctx:
+    params_and_buffers = _params_for_compute(policy, params_and_buffers)
+    with _policy_context(policy, device_type):
         out = torch.func.functional_call(
             module,
             params_and_buffers,  # type: ignore[arg-type]

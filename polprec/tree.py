@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from polprec import _tree
 from polprec.policy import Policy, get_policy, parse_dtype
+
+if TYPE_CHECKING:
+    from polprec.rules import PolicyRules
 
 __all__ = ["all_finite", "cast_params", "cast_tree", "select_tree"]
 
@@ -29,12 +33,18 @@ def cast_tree(tree: Any, dtype: torch.dtype | str) -> Any:
     return _tree.cast_floating(tree, parse_dtype(dtype))
 
 
-def cast_params(params: Any, policy: Policy | int | str) -> Any:
+def cast_params(
+    params: Any, policy: Policy | PolicyRules | int | str, *, module: nn.Module | None = None
+) -> Any:
     """Cast ``params`` to the policy's parameter dtype (``policy.cast_to_param(params)``).
 
     Args:
         params: a pytree of tensors, e.g. ``dict(model.named_parameters())``.
-        policy: a :class:`Policy` or any spec :func:`get_policy` accepts.
+        policy: a :class:`Policy`, any spec :func:`get_policy` accepts, or
+            :class:`~polprec.PolicyRules` (per-class and per-path param dtypes; names are the
+            tree's dotted key paths).
+        module: with :class:`~polprec.PolicyRules`, the module the names belong to (needed
+            for module-class rules).
 
     Examples:
         >>> import torch
@@ -42,6 +52,12 @@ def cast_params(params: Any, policy: Policy | int | str) -> Any:
         >>> cast_params(params, "bf16-true")["weight"].dtype
         torch.bfloat16
     """
+    from polprec.rules import PolicyRules
+
+    if isinstance(policy, PolicyRules):
+        return policy.cast_params(params, module=module)
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module or None, got {type(module).__name__}")
     return get_policy(policy).cast_to_param(params)
 
 
