@@ -1,0 +1,48 @@
+"""Shared timing helper for the benchmarks: interleaved runs, medians, ratio tables."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def measure(
+    candidates: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured interleaved in one process.
+
+    Each round runs every candidate once, in a rotating order, so slow drifts of the machine
+    (other processes, frequency changes) hit all candidates alike.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def header() -> str:
+    """One line that says where the numbers come from."""
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
+def table(rows: list[list[str]], head: list[str]) -> str:
+    """A plain-text table with right-aligned columns."""
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    line = "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
