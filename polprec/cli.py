@@ -334,13 +334,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
+        allow_abbrev=False,  # `--prec P` would otherwise be read as --precision
+        usage="polprec run [-h] [--precision P] SCRIPT [ARGS ...]",
         help="run a Python script with a precision chosen on the command line",
         description=(
             "Run SCRIPT as __main__ in this process, with POLPREC_PRECISION=P set so that "
             "get_policy() in the script returns P's policy. An explicit get_policy(spec) in the "
             "script that disagrees with P raises ValueError. --precision goes before SCRIPT; "
-            "every argument after SCRIPT is passed to the script untouched. The exit status is "
-            "the script's."
+            "every argument after SCRIPT (ARGS) is passed to the script untouched, even one that "
+            "looks like an option. The exit status is the script's."
         ),
     )
     run.add_argument(
@@ -349,10 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         help="any spec `polprec policies` lists, e.g. bf16-mixed, 16-mixed, 32-true, c=bf16",
     )
     run.add_argument("script", metavar="SCRIPT", help="path of the Python script to run")
-    run.add_argument(
-        "script_args", nargs=argparse.REMAINDER, metavar="ARGS", help="the script's arguments"
-    )
-    run.set_defaults(handler=_run, parser=run)
+    run.set_defaults(handler=_run, parser=run, script_args=[])  # main() fills in ARGS
 
     for name, handler, text in (
         ("policies", _policies, "list every accepted precision spec and its dtypes"),
@@ -364,13 +363,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_at_script(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``polprec run`` arguments up to SCRIPT, and the script's own arguments after it.
+
+    argparse would drop a ``--`` that follows SCRIPT; the script gets its arguments as written.
+    """
+    if argv[:1] != ["run"]:
+        return argv, None
+    index = 1
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            index += 1
+            break
+        if not token.startswith("-"):
+            break
+        index += 2 if token == "--precision" else 1
+    return argv[: index + 1], argv[index + 1 :]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``polprec`` command line with ``argv`` (default ``sys.argv[1:]``).
 
     Returns:
         The process exit status.
     """
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, script_args = _split_at_script(argv)
+    args = _parser().parse_args(own)
+    if script_args is not None:
+        args.script_args = script_args
     try:
         status: int = args.handler(args)
     except BrokenPipeError:  # `polprec policies | head`: the reader left; say nothing more

@@ -90,7 +90,7 @@ def test_version_of_the_installed_console_script() -> None:
 
 
 def test_run_sets_the_precision_and_passes_every_later_argument(script: Path) -> None:
-    script_args = ["--precision", "16", "--lr", "0.1", "-h", "--", "x"]
+    script_args = ["--", "--precision", "16", "--lr", "0.1", "-h", "--", "x"]
     result = polprec(
         "run", "--precision", "bf16-mixed", "train.py", *script_args, cwd=script.parent
     )
