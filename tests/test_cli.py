@@ -1,4 +1,8 @@
-"""The ``polprec`` command line, driven as a user drives it: in a subprocess."""
+"""The ``polprec`` command line, driven as a user drives it: in a subprocess.
+
+Subcommand help and the text ``info`` report run in-process (the same ``main``) to spare a
+torch import each; the subprocess tests cover the entry points.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ if sys.argv[1:2] == ["exit"]:
 """
 
 
-def polprec(*args: str, cwd: Path | None = None, command: str | None = None):
+def polprec(
+    *args: str, cwd: Path | None = None, command: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m polprec *args`` (or the ``command`` script) in a clean environment."""
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, CLI_ENV_VAR)}
     env["PYTHONPATH"] = str(ROOT)
