@@ -297,7 +297,7 @@ def _info(args: argparse.Namespace) -> int:
     print(_table(header, rows))
     print(
         f"\nmatmul throughput, n x n, GFLOP/s (median of {_MATMUL_REPEATS} after warm-up; "
-        f"{devices[0]['threads']} CPU threads, float32 matmul precision "
+        f"CPU threads: {devices[0]['threads']}, float32 matmul precision "
         f"{report['float32_matmul_precision']!r})"
     )
     measured = [d for d in devices if d["matmul"]]
