@@ -8,6 +8,7 @@ and ``torch.compile``.
 from __future__ import annotations
 
 from polprec.apply import apply_with_policy, autocast, full_precision
+from polprec.distributed import all_finite_across, to_fsdp_mixed_precision
 from polprec.grad import value_and_grad
 from polprec.loss_scale import (
     DynamicLossScale,
@@ -33,6 +34,7 @@ __all__ = [
     "StaticLossScale",
     "__version__",
     "all_finite",
+    "all_finite_across",
     "apply_with_policy",
     "autocast",
     "cast_params",
@@ -44,6 +46,7 @@ __all__ = [
     "parse_dtype",
     "scale_loss",
     "select_tree",
+    "to_fsdp_mixed_precision",
     "unscale_and_check",
     "value_and_grad",
 ]

@@ -46,7 +46,7 @@ def _distinct_dense(tensors: list[torch.Tensor]) -> bool:
 
 
 def value_and_grad(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False
+    loss_fn: Callable[..., Any], *, has_aux: bool = False, process_group: Any = None
 ) -> Callable[..., tuple[Any, Any, torch.Tensor, LossScale]]:
     """Turn ``loss_fn(params, *args, **kwargs)`` into a mixed-precision gradient function.
 
@@ -63,6 +63,13 @@ def value_and_grad(
     of the parameters (the same gradients, without the functorch wrapper overhead) and
     unscales the fresh gradients with torch's fused AMP kernel.
 
+    With ``process_group=`` a ``torch.distributed.ProcessGroup`` (e.g.
+    ``torch.distributed.group.WORLD``), ``grads_finite`` is agreed across the group's ranks
+    (:func:`polprec.all_finite_across`) before the loss scale is adjusted: every rank then
+    gets the same flag and the same new loss scale. The gradients themselves are this
+    rank's; averaging them across ranks is the caller's step. (``group.WORLD`` is ``None``
+    until ``init_process_group`` has run: build the step after it.)
+
     Examples:
         >>> import torch
         >>> from polprec import DynamicLossScale
@@ -78,6 +85,10 @@ def value_and_grad(
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be a bool, got {has_aux!r}")
+    if process_group is not None:  # distributed: imported only when asked for
+        from polprec.distributed import _check_process_group, all_finite_across
+
+        _check_process_group(process_group, "process_group")
 
     def grad_fn(
         params: Any, *args: Any, loss_scale: LossScale, **kwargs: Any
@@ -117,6 +128,8 @@ def value_and_grad(
             loss, aux = out if has_aux else (out[0], None)
             owned = False
         dgrads, finite = _unscale_and_check(dgrads, loss_scale, owned=owned)
+        if process_group is not None:
+            finite = all_finite_across(finite, group=process_group)
         grads_full: list[Any] = [None] * len(leaves)
         for i, g in zip(idx, dgrads, strict=True):
             grads_full[i] = g

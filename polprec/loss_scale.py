@@ -496,7 +496,9 @@ def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torc
     return (total.sum() == 0).reshape(())
 
 
-def unscale_and_check(grads: Any, loss_scale: LossScale) -> tuple[Any, torch.Tensor]:
+def unscale_and_check(
+    grads: Any, loss_scale: LossScale, *, process_group: Any = None
+) -> tuple[Any, torch.Tensor]:
     """Unscale gradients and check that they are finite.
 
     Every floating leaf is multiplied by the float32 reciprocal of the scale and returned in
@@ -505,6 +507,14 @@ def unscale_and_check(grads: Any, loss_scale: LossScale) -> tuple[Any, torch.Ten
     non-floating leaves pass through. Pure: the input is never modified; no host
     synchronisation. In eager mode it runs torch's fused AMP kernel on fresh buffers; under
     ``vmap``/``grad``/``torch.compile`` it uses plain tensor ops.
+
+    Args:
+        grads: a pytree of (scaled) gradients.
+        loss_scale: the loss-scale state the loss was scaled with.
+        process_group: a ``torch.distributed.ProcessGroup`` (e.g.
+            ``torch.distributed.group.WORLD``): ``grads_finite`` is then agreed across its
+            ranks (:func:`polprec.all_finite_across`), so all ranks skip together. ``None``:
+            this rank's verdict only.
 
     Returns:
         ``(grads, grads_finite)``.
@@ -515,6 +525,12 @@ def unscale_and_check(grads: Any, loss_scale: LossScale) -> tuple[Any, torch.Ten
         >>> grads, finite
         ({'w': tensor([2., 1.])}, tensor(True))
     """
+    if process_group is not None:  # distributed: validate before any work
+        from polprec.distributed import _check_process_group, all_finite_across
+
+        _check_process_group(process_group, "process_group")
+        grads, finite = _unscale_and_check(grads, loss_scale, owned=False)
+        return grads, all_finite_across(finite, group=process_group)
     return _unscale_and_check(grads, loss_scale, owned=False)
 
 

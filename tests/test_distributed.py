@@ -1,0 +1,442 @@
+"""Distributed: cross-rank finite agreement and FSDP2 policies, on real gloo processes.
+
+The multi-process tests spawn two ranks on 127.0.0.1 with the gloo backend. Workers live at
+module level (spawn pickles them by name), write their results with ``torch.save`` and are
+killed if they outlive ``_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import polprec as pp
+import polprec.distributed as ppd
+from polprec.testing import assert_trees_all_close
+
+_WORLD = 2
+_TIMEOUT_S = 50.0
+_BATCH = 64  # per step, split evenly over the ranks
+
+
+# --- process harness ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(
+    rank: int, worker: Callable[[int, Any], Any], port: int, out_dir: str, data: Any
+) -> None:
+    torch.set_num_threads(1)  # two ranks share the machine's cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=_WORLD,
+        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
+    )
+    try:
+        result = worker(rank, data)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _spawn(worker: Callable[[int, Any], Any], tmp_path: Path, data: Any) -> list[Any]:
+    """Run ``worker(rank, data)`` on two gloo ranks; return each rank's result (rank order)."""
+    ctx = mp.start_processes(
+        _entry,
+        args=(worker, _free_port(), str(tmp_path), data),
+        nprocs=_WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + _TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):  # raises with the worker's traceback if one failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"{worker.__name__} did not finish within {_TIMEOUT_S:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(_WORLD)]
+
+
+# --- shared model and data (real data: sklearn's bundled digits) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs scaled to [0, 1] and labels; loaded here once and handed to the workers."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+
+
+def _batch(x: torch.Tensor, y: torch.Tensor, step: int, rank: int | None = None) -> Any:
+    """Step ``step``'s batch, or rank ``rank``'s contiguous shard of it."""
+    start = (step * _BATCH) % (len(x) - _BATCH)
+    lo, hi = start, start + _BATCH
+    if rank is not None:
+        per = _BATCH // _WORLD
+        lo, hi = start + rank * per, start + (rank + 1) * per
+    return x[lo:hi], y[lo:hi]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+def _loss_fn(model: nn.Module, policy: str) -> Callable[..., torch.Tensor]:
+    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = pp.apply_with_policy(model, params, x, policy=policy)
+        return nn.functional.cross_entropy(logits, y)
+
+    return loss_fn
+
+
+def _average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean of ``grads`` over all ranks, in one all-reduce of a flat buffer."""
+    flat = torch.cat([g.reshape(-1) for g in grads.values()])
+    dist.all_reduce(flat)
+    parts = (flat / _WORLD).split([g.numel() for g in grads.values()])
+    return {k: p.view_as(g) for (k, g), p in zip(grads.items(), parts, strict=True)}
+
+
+def _sgd_update(params: Any, grads: Any, finite: torch.Tensor, *, distributed: bool) -> Any:
+    if distributed:
+        grads = _average(grads)
+    new = {k: p - 0.5 * grads[k] for k, p in params.items()}
+    return pp.select_tree(finite, new, params)
+
+
+def _sgd_train_step(step_grad: Callable[..., Any], *, distributed: bool) -> Callable[..., Any]:
+    def train_step(params: Any, x: torch.Tensor, y: torch.Tensor, ls: Any) -> Any:
+        loss, grads, finite, ls = step_grad(params, x, y, loss_scale=ls)
+        return loss, _sgd_update(params, grads, finite, distributed=distributed), finite, ls
+
+    return train_step
+
+
+def _agreed_update(params: Any, scaled_grads: Any, ls: pp.DynamicLossScale) -> Any:
+    """The update half of a step: unscale, agree across ranks, average, update, adjust."""
+    grads, finite = pp.unscale_and_check(scaled_grads, ls, process_group=dist.group.WORLD)
+    return _sgd_update(params, grads, finite, distributed=True), finite, ls.adjust(finite)
+
+
+def _scale_state(ls: pp.DynamicLossScale) -> dict[str, float]:
+    return {"scale": float(ls.loss_scale), "counter": float(ls.counter)}
+
+
+# --- workers (module level: spawn pickles them by name) -----------------------------------
+
+
+def _nan_on_rank1_worker(rank: int, digits: Any) -> dict[str, Any]:
+    x_all, y_all = digits
+    model = _mlp()
+    params0 = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _batch(x_all, y_all, 0, rank)
+    x = x.clone()
+    if rank == 1:
+        x[3, 5] = float("nan")
+    loss_fn = _loss_fn(model, "16-mixed")
+    world = dist.group.WORLD
+    agreed = _sgd_train_step(pp.value_and_grad(loss_fn, process_group=world), distributed=True)
+    local = _sgd_train_step(pp.value_and_grad(loss_fn), distributed=True)
+    ls = pp.DynamicLossScale(2.0**10)
+    out: dict[str, Any] = {"params0": params0}
+    for name, fn in [("agreed", agreed), ("local", local)]:
+        _, params, finite, new_ls = fn(params0, x, y, ls)
+        out[name] = {"params": params, "finite": bool(finite), **_scale_state(new_ls)}
+    # Compiled with fullgraph=True, the agreement runs as torch's functional all-reduce.
+    compiled = torch.compile(_agreed_update, fullgraph=True, backend="aot_eager")
+    plain_grad = pp.value_and_grad(loss_fn)
+    clean = _batch(x_all, y_all, 1, rank)
+    for name, (xb, yb) in [("compiled", (x, y)), ("compiled_clean", clean)]:
+        _, grads, _, _ = plain_grad(params0, xb, yb, loss_scale=pp.NoOpLossScale())
+        params, finite, new_ls = compiled(params0, ls.scale(grads), ls)
+        out[name] = {"params": params, "finite": bool(finite), **_scale_state(new_ls)}
+    grads = {"w": torch.tensor([1.0, float("nan") if rank == 1 else 2.0])}
+    out["unscale_and_check"] = bool(pp.unscale_and_check(grads, ls, process_group=world)[1])
+    out["across_mixed"] = bool(pp.all_finite_across(torch.tensor(rank == 0)))
+    out["across_clean"] = bool(pp.all_finite_across(torch.tensor(True), group=world))
+    return out
+
+
+def _data_parallel_worker(rank: int, digits: Any) -> dict[str, Any]:
+    x_all, y_all = digits
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    step_grad = pp.value_and_grad(_loss_fn(model, "32-true"), process_group=dist.group.WORLD)
+    train_step = _sgd_train_step(step_grad, distributed=True)
+    ls = pp.DynamicLossScale(2.0**8, period=10)
+    for step in range(50):
+        _, params, _, ls = train_step(params, *_batch(x_all, y_all, step, rank), ls)
+    return {"params": params, **_scale_state(ls)}
+
+
+def _fsdp_worker(rank: int, digits: Any) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    reduced: list[torch.dtype] = []
+    reduce_scatter = dist.reduce_scatter_single
+
+    def recording_reduce_scatter(*args: Any, **kwargs: Any) -> Any:
+        reduced.append(kwargs["input"].dtype)
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = recording_reduce_scatter  # type: ignore[assignment]
+    x = digits[0][:16]  # the same batch on both ranks: averaged gradients equal local ones
+    out: dict[str, Any] = {}
+    for spec in ["bf16-mixed", "16-mixed", "bf16-true"]:
+        policy = pp.get_policy(spec)
+        model = _mlp().to(policy.param_dtype)
+        reference = _mlp()  # an unsharded float32 copy
+        seen: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.register_forward_hook(
+                    lambda mod, inp, o, seen=seen: seen.append(
+                        (inp[0].dtype, mod.weight.dtype, o.dtype)
+                    )
+                )
+                fully_shard(m, mp_policy=pp.to_fsdp_mixed_precision(policy))
+        fully_shard(model, mp_policy=pp.to_fsdp_mixed_precision(policy))
+        reduced.clear()
+        output = model(x)
+        output.float().square().mean().backward()
+        reference(x).square().mean().backward()
+        out[spec] = {
+            "seen": [tuple(str(d) for d in s) for s in seen],
+            "output": output.detach().float(),
+            "output_dtype": str(output.dtype),
+            "reference_output": reference(x).detach(),
+            "sharded": {n: str(p.dtype) for n, p in model.named_parameters()},
+            "grads": {n: p.grad.full_tensor().float() for n, p in model.named_parameters()},
+            "grad_dtypes": {n: str(p.grad.dtype) for n, p in model.named_parameters()},
+            "reference_grads": {n: p.grad for n, p in reference.named_parameters()},
+            "reduced": [str(d) for d in reduced],
+        }
+    return out
+
+
+# --- multi-process tests -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_makes_every_rank_skip_and_back_off(tmp_path: Path, digits: Any) -> None:
+    results = _spawn(_nan_on_rank1_worker, tmp_path, digits)
+    for rank, r in enumerate(results):
+        for name in ["agreed", "compiled"]:  # eager and torch.compile(fullgraph=True)
+            got = r[name]
+            assert got["finite"] is False, (rank, name)
+            assert got["scale"] == 2.0**9, (rank, name)
+            for k, p in got["params"].items():
+                assert torch.equal(p, r["params0"][k]), (rank, name, k)
+                assert torch.equal(p, results[0][name]["params"][k]), (rank, name, k)
+        assert r["unscale_and_check"] is False
+        assert r["across_mixed"] is False
+        assert r["across_clean"] is True
+        clean = r["compiled_clean"]
+        assert clean["finite"] is True
+        for k, p in clean["params"].items():
+            assert torch.equal(p, results[0]["compiled_clean"]["params"][k]), (rank, k)
+            assert not torch.equal(p, r["params0"][k]), (rank, k)
+    # Without the agreement rank 0 believes its step is fine, keeps its scale and takes
+    # the averaged (NaN) gradients into its parameters: the failure the option prevents.
+    local0, local1 = results[0]["local"], results[1]["local"]
+    assert (local0["finite"], local1["finite"]) == (True, False)
+    assert (local0["scale"], local1["scale"]) == (2.0**10, 2.0**9)
+    assert bool(torch.isnan(local0["params"]["0.weight"]).any())
+
+
+@pytest.mark.slow
+def test_data_parallel_training_equals_single_process_on_the_full_batch(
+    tmp_path: Path, digits: Any
+) -> None:
+    results = _spawn(_data_parallel_worker, tmp_path, digits)
+    x_all, y_all = digits
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    train_step = _sgd_train_step(pp.value_and_grad(_loss_fn(model, "32-true")), distributed=False)
+    ls = pp.DynamicLossScale(2.0**8, period=10)
+    losses = []
+    for step in range(50):
+        loss, params, _, ls = train_step(params, *_batch(x_all, y_all, step), ls)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]  # it trains
+    for r in results:
+        assert_trees_all_close(r["params"], params, rtol=1e-4, atol=1e-5)
+        assert _scale_state(ls) == {"scale": r["scale"], "counter": r["counter"]}
+        assert r["scale"] == 2.0**13  # grew once per 10 clean steps
+    for k, p in results[1]["params"].items():
+        assert torch.equal(p, results[0]["params"][k]), k
+
+
+@pytest.mark.slow
+def test_fully_shard_with_converted_policy_runs_in_the_policys_dtypes(
+    tmp_path: Path, digits: Any
+) -> None:
+    results = _spawn(_fsdp_worker, tmp_path, digits)
+    for r in results:
+        for spec, got in r.items():
+            policy = pp.get_policy(spec)
+            c, p, o = (
+                str(d) for d in (policy.compute_dtype, policy.param_dtype, policy.output_dtype)
+            )
+            assert got["seen"] == [(c, c, c), (c, c, c)], spec  # inside each Linear
+            assert got["output_dtype"] == o, spec
+            assert set(got["sharded"].values()) == {p}, spec
+            assert set(got["grad_dtypes"].values()) == {p}, spec
+            assert got["reduced"] and set(got["reduced"]) == {p}, spec
+            assert_trees_all_close(
+                got["output"], got["reference_output"], dtype=policy.compute_dtype
+            )
+            assert_trees_all_close(
+                got["grads"],
+                got["reference_grads"],
+                rtol=0.05,
+                atol=0.05 * max(float(g.abs().max()) for g in got["reference_grads"].values()),
+            )
+
+
+# --- single-process tests ------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_rank_group(tmp_path: Path) -> Any:
+    """A one-rank gloo default group in this process, torn down afterwards."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_all_finite_across_one_rank_is_the_identity(single_rank_group: Any, value: bool) -> None:
+    flag = torch.tensor(value)
+    got = pp.all_finite_across(flag, group=single_rank_group)
+    assert got.dtype == torch.bool and got.shape == () and bool(got) is value
+    assert got is not flag and flag.dtype == torch.bool and bool(flag) is value
+    assert bool(pp.all_finite_across(value)) is value  # a Python bool is accepted
+
+
+def test_value_and_grad_with_a_group_matches_without(single_rank_group: Any) -> None:
+    def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return (p["w"] * x).sum()
+
+    params, ls = {"w": torch.ones(3)}, pp.DynamicLossScale(2.0**4)
+    for x in [torch.arange(3.0), torch.tensor([1.0, float("inf"), 0.0])]:
+        with_group = pp.value_and_grad(loss_fn, process_group=single_rank_group)(
+            params, x, loss_scale=ls
+        )
+        without = pp.value_and_grad(loss_fn)(params, x, loss_scale=ls)
+        assert_trees_all_close(with_group[:3], without[:3], rtol=0, atol=0)
+        assert float(with_group[3].loss_scale) == float(without[3].loss_scale)
+        agreed = pp.unscale_and_check({"w": x}, ls, process_group=single_rank_group)
+        assert_trees_all_close(agreed, pp.unscale_and_check({"w": x}, ls), rtol=0, atol=0)
+        assert bool(agreed[1]) is bool(without[2])
+
+
+def test_all_finite_across_refuses_to_run_inside_vmap(single_rank_group: Any) -> None:
+    with pytest.raises(RuntimeError, match="once per rank, not once per batch member"):
+        torch.func.vmap(pp.all_finite_across)(torch.tensor([True, False]))
+
+
+class _Fake(dist.ProcessGroup):
+    """A ProcessGroup object that no initialised default group stands behind."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1)
+
+
+def test_all_finite_across_without_init_process_group_says_so() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pp.all_finite_across(torch.tensor(True))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        pp.unscale_and_check({"w": torch.ones(2)}, pp.StaticLossScale(2.0), process_group=_Fake())
+
+
+@pytest.mark.parametrize(
+    ("flag", "error", "match"),
+    [
+        (1, TypeError, "grads_finite must be a 0-dim torch.bool tensor.*got 1 of type int"),
+        (torch.tensor(1.0), ValueError, "dtype torch.float32"),
+        (torch.tensor([True, True]), ValueError, r"shape \(2,\)"),
+    ],
+)
+def test_all_finite_across_rejects_bad_flags(flag: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        pp.all_finite_across(flag)
+
+
+@pytest.mark.parametrize("group", ["world", 0, [0, 1]])
+def test_bad_process_groups_are_rejected_naming_the_value(group: Any) -> None:
+    match = rf"must be a torch.distributed.ProcessGroup.*got {group!r}".replace("[", r"\[")
+    with pytest.raises(TypeError, match=match):
+        pp.all_finite_across(torch.tensor(True), group=group)
+    with pytest.raises(TypeError, match=match):
+        pp.value_and_grad(lambda p: p.sum(), process_group=group)
+    with pytest.raises(TypeError, match=match):
+        pp.unscale_and_check({"w": torch.ones(2)}, pp.NoOpLossScale(), process_group=group)
+
+
+@pytest.mark.parametrize(
+    ("spec", "param", "reduce", "output"),
+    [
+        ("16-mixed", torch.float16, torch.float32, torch.float32),
+        ("bf16-mixed", torch.bfloat16, torch.float32, torch.float32),
+        ("bf16-true", torch.bfloat16, torch.bfloat16, torch.float32),
+        ("32-true", torch.float32, torch.float32, torch.float32),
+        ("64-true", torch.float64, torch.float64, torch.float32),
+        ("p=f32,c=bf16,o=bf16", torch.bfloat16, torch.float32, torch.bfloat16),
+    ],
+)
+def test_to_fsdp_mixed_precision_maps_compute_param_output(
+    spec: str, param: torch.dtype, reduce: torch.dtype, output: torch.dtype
+) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for given in [spec, pp.get_policy(spec)]:
+        mp_policy = pp.to_fsdp_mixed_precision(given)
+        assert mp_policy == MixedPrecisionPolicy(param, reduce, output, cast_forward_inputs=True)
+    assert not pp.to_fsdp_mixed_precision(spec, cast_forward_inputs=False).cast_forward_inputs
+
+
+def test_to_fsdp_mixed_precision_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="float8"):
+        pp.to_fsdp_mixed_precision("float8")
+    with pytest.raises(TypeError, match="cast_forward_inputs must be a bool, got 'yes'"):
+        pp.to_fsdp_mixed_precision("bf16-mixed", cast_forward_inputs="yes")  # type: ignore[arg-type]
+
+
+def test_to_fsdp_mixed_precision_without_fsdp2_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fsdp(name: str) -> Any:
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(ppd.importlib, "import_module", no_fsdp)
+    with pytest.raises(RuntimeError, match="needs FSDP2"):
+        pp.to_fsdp_mixed_precision("bf16-mixed")
