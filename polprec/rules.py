@@ -56,8 +56,10 @@ class PolicyRules:
     runs as an island: its floating inputs are cast to its compute dtype, autocast is set for
     its policy (on for mixed policies, off otherwise), its parameters are cast to its compute
     dtype where autocast does not do it, and its floating outputs are cast to its output
-    dtype. Under a "true" parent (no autocast) give islands the parent's compute dtype as
-    output dtype, e.g. ``"p=f32,c=f32,o=bf16"`` inside ``"bf16-true"``.
+    dtype. Modules under a policy without autocast ("true" policies) also get their floating
+    inputs cast to their compute dtype, so an island's float32 output meets a bfloat16
+    ``nn.Linear`` after it in bfloat16; code between modules (a residual ``x + h``) follows
+    torch's type promotion.
 
     In :func:`~polprec.cast_params` a parameter takes the param dtype of a pattern that
     matches its own path (``"*.bias"``), else of its module's policy; patterns decide where
@@ -260,15 +262,20 @@ class PolicyRules:
             params_and_buffers,
             lambda name, x: _params_for_compute(plan.get(_owner(name, plan), root), x),
         )
-        islands = [
-            (sub, plan[path])
-            for path, sub in module.named_modules()
-            if path and plan[path] != plan[path.rpartition(".")[0]]
-        ]
-        saved = [(sub, sub.__dict__.get("forward")) for sub, _ in islands]
+        wrapped = []
+        if any(policy != root for policy in plan.values()):  # without islands, no wrapping
+            for path, sub in module.named_modules():
+                policy = plan[path]
+                if not path:
+                    continue
+                if policy != plan[path.rpartition(".")[0]]:
+                    wrapped.append((sub, _module_forward(sub, policy, device_type, island=True)))
+                elif not policy.is_mixed:
+                    wrapped.append((sub, _module_forward(sub, policy, device_type, island=False)))
+        saved = [(sub, sub.__dict__.get("forward")) for sub, _ in wrapped]
         try:
-            for sub, policy in islands:
-                sub.forward = _island_forward(sub, policy, device_type)
+            for sub, forward in wrapped:
+                sub.forward = forward
             with _policy_context(root, device_type):
                 out = torch.func.functional_call(
                     module, params, args, kwargs, strict=strict, tie_weights=tie_weights
@@ -295,17 +302,28 @@ def _named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield from module.named_buffers()
 
 
-def _island_forward(sub: nn.Module, policy: Policy, device_type: str) -> Callable[..., Any]:
-    """``sub``'s forward, run under ``policy``: inputs, autocast and outputs."""
+def _module_forward(
+    sub: nn.Module, policy: Policy, device_type: str, *, island: bool
+) -> Callable[..., Any]:
+    """``sub``'s forward with its floating inputs cast to ``policy``'s compute dtype.
+
+    An island (a module whose policy differs from its parent's) also gets autocast set for
+    its policy and its floating outputs cast to its output dtype. Other modules under a
+    policy without autocast only get the input cast, so that an island's output in another
+    dtype meets the dtype its next consumer computes in.
+    """
     previous = sub.__dict__.get("forward")
     unbound = type(sub).forward
 
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return previous(*args, **kwargs) if previous is not None else unbound(sub, *args, **kwargs)
+
     def forward(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = policy.cast_to_compute((args, kwargs))
+        if not island:
+            return call(*args, **kwargs)
         with _policy_context(policy, device_type):
-            out = (
-                previous(*args, **kwargs) if previous is not None else unbound(sub, *args, **kwargs)
-            )
+            out = call(*args, **kwargs)
         return policy.cast_to_output(out)
 
     return forward
