@@ -166,14 +166,15 @@ def apply_with_policy(
 
     How the module runs:
 
-    * mixed policies (16-bit compute, 32/64-bit params): ``torch.autocast`` on the device of
+    * mixed policies (16-bit compute, float32 params): ``torch.autocast`` on the device of
       the tensors. Under a ``torch.func`` transform (``vmap``, ``grad``, ...) the parameters
       and buffers are also cast to the compute dtype explicitly, because autocast alone loses
       the dtype there (``nn.Linear`` with bias returns float32 under ``vmap``, pytorch issue
       192617; ``vmap(grad(...))`` through ``LayerNorm`` fails, pytorch issue 184890).
       The check is ``torch._C._are_functorch_transforms_active()``, which
       ``torch.compile(fullgraph=True)`` traces.
-    * every other policy ("true" 16-bit, float32, float64): parameters and buffers are cast
+    * every other policy ("true" 16-bit, float32, float64, float64 params with 16-bit
+      compute, which autocast does not cast): parameters and buffers are cast
       to the compute dtype explicitly and autocast is switched off.
 
     With explicit casts, floating buffers are cast copies: in-place buffer updates (BatchNorm

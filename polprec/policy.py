@@ -173,8 +173,11 @@ class Policy:
 
     @property
     def is_mixed(self) -> bool:
-        """True when computing in a 16-bit dtype narrower than the parameters (autocast's case)."""
-        return self.compute_dtype in (_F16, _BF16) and self.param_dtype in (_F32, _F64)
+        """True for 16-bit compute with float32 params: the case ``torch.autocast`` serves.
+
+        (Autocast only casts float32 tensors, so float64 params are cast explicitly.)
+        """
+        return self.compute_dtype in (_F16, _BF16) and self.param_dtype == _F32
 
     @property
     def uses_float16(self) -> bool:
