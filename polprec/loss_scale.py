@@ -250,8 +250,11 @@ class DynamicLossScale(_Base):
       ``max(min_loss_scale, scale / factor)``. With ``hysteresis=h > 1`` it backs off only
       from the ``h``-th overflow since the last growth period (Megatron-LM's rule).
 
-    With ``min_loss_scale=0`` and ``factor=2`` it follows ``torch.amp.GradScaler`` exactly.
-    ``adjust`` uses ``torch.where`` only: no host synchronisation, vmappable, compilable.
+    The scale never goes below ``min_loss_scale``. With ``min_loss_scale=0`` and ``factor=2``
+    it follows ``torch.amp.GradScaler`` exactly. ``adjust`` uses ``torch.where`` only (no
+    host synchronisation, vmappable, compilable); in eager mode, with the default settings
+    and a power-of-two factor, it runs torch's fused GradScaler update kernel on copies
+    instead, with the same results.
 
     Args:
         loss_scale: initial scale; a number > 0 or a 0-dim tensor (any real dtype, stored
@@ -359,8 +362,9 @@ class DynamicLossScale(_Base):
     def adjust(self, grads_finite: torch.Tensor | bool) -> DynamicLossScale:
         """The next state after a step whose gradients were (not) finite."""
         finite = _check_grads_finite(grads_finite)
+        if self._fusable():
+            return self._adjust_found_inf(torch.logical_not(finite).to(torch.float32))
         scale, counter = self.loss_scale, self.counter
-        tracker = self.hysteresis_tracker
         period_done = counter == self.period - 1
         grown = scale * self.factor
         can_grow = torch.isfinite(grown)
@@ -368,19 +372,47 @@ class DynamicLossScale(_Base):
             can_grow = can_grow & (grown <= self.max_loss_scale)
         scale_if_finite = torch.where(period_done & can_grow, grown, scale)
         counter_if_finite = torch.where(period_done, 0, counter + 1)
-        tracker_if_finite = torch.where(period_done, self.hysteresis, tracker)
-
-        tracker_if_overflow = torch.clamp_min(tracker - 1, 0)
-        backed_off = torch.clamp_min(scale / self.factor, self.min_loss_scale)
-        scale_if_overflow = torch.where(tracker_if_overflow == 0, backed_off, scale)
-
+        backed_off = scale / self.factor
+        if self.hysteresis == 1:  # back off on every overflow; the tracker never changes
+            scale_if_overflow = backed_off
+            tracker = self.hysteresis_tracker
+        else:
+            tracker_if_overflow = torch.clamp_min(self.hysteresis_tracker - 1, 0)
+            scale_if_overflow = torch.where(tracker_if_overflow == 0, backed_off, scale)
+            tracker_if_finite = torch.where(period_done, self.hysteresis, self.hysteresis_tracker)
+            tracker = torch.where(finite, tracker_if_finite, tracker_if_overflow)
+        new_scale = torch.where(finite, scale_if_finite, scale_if_overflow)
         return self._replace(
-            loss_scale=torch.where(finite, scale_if_finite, scale_if_overflow),
+            loss_scale=torch.clamp_min(new_scale, self.min_loss_scale),
             counter=torch.where(finite, counter_if_finite, 0).to(torch.int32),
-            hysteresis_tracker=torch.where(finite, tracker_if_finite, tracker_if_overflow).to(
-                torch.int32
-            ),
+            hysteresis_tracker=tracker.to(torch.int32),
         )
+
+    def _fusable(self) -> bool:
+        """Whether torch's fused GradScaler update kernel computes exactly :meth:`adjust`.
+
+        It does for the defaults (no upper bound, no hysteresis) with a power-of-two factor
+        (so multiplying by ``1 / factor`` equals dividing), in eager mode only (the kernel
+        updates in place, has no vmap rule and no derivative).
+        """
+        return (
+            self.hysteresis == 1
+            and self.max_loss_scale is None
+            and math.frexp(self.factor)[0] == 0.5
+            and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and not self.loss_scale.requires_grad
+        )
+
+    def _adjust_found_inf(self, found_inf: torch.Tensor) -> DynamicLossScale:
+        """:meth:`adjust` from a float ``found_inf`` flag with the fused kernel, on copies."""
+        scale, counter = self.loss_scale.clone(), self.counter.clone()
+        torch._amp_update_scale_(
+            scale, counter, found_inf, self.factor, 1.0 / self.factor, self.period
+        )
+        if self.min_loss_scale > 0:
+            scale.clamp_min_(self.min_loss_scale)  # a fresh tensor: nobody else holds it
+        return self._replace(loss_scale=scale, counter=counter)
 
     # --- torch.amp.GradScaler interoperability -------------------------------------------
 
@@ -483,7 +515,10 @@ def _can_fuse(leaves: list[torch.Tensor]) -> bool:
 
 
 def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
-    """Unscale ``leaves`` in place with torch's fused AMP kernel; return the 0-dim finite flag."""
+    """Unscale ``leaves`` in place with torch's fused AMP kernel.
+
+    Returns ``found_inf``: a 1-element float32 tensor, 0 when every element was finite.
+    """
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for x in leaves:
         groups.setdefault((x.device, x.dtype), []).append(x)
@@ -492,8 +527,9 @@ def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torc
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
         found.append(found_inf)
-    total = found[0] if len(found) == 1 else torch.stack([f.to(found[0].device) for f in found])
-    return (total.sum() == 0).reshape(())
+    if len(found) == 1:
+        return found[0]
+    return torch.stack([f.to(found[0].device) for f in found]).sum().reshape(1)
 
 
 def unscale_and_check(
@@ -529,39 +565,56 @@ def unscale_and_check(
         from polprec.distributed import _check_process_group, all_finite_across
 
         _check_process_group(process_group, "process_group")
-        grads, finite = _unscale_and_check(grads, loss_scale, owned=False)
+        grads, finite, _ = _unscale_and_check(grads, loss_scale, owned=False)
         return grads, all_finite_across(finite, group=process_group)
-    return _unscale_and_check(grads, loss_scale, owned=False)
+    grads, finite, _ = _unscale_and_check(grads, loss_scale, owned=False)
+    return grads, finite
 
 
 def _unscale_and_check(
     grads: Any, loss_scale: LossScale, *, owned: bool
-) -> tuple[Any, torch.Tensor]:
-    """:func:`unscale_and_check`; ``owned=True`` lets the eager path unscale ``grads`` in place
-    (for gradients the caller has just created and nobody else holds)."""
+) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+    """:func:`unscale_and_check`, plus the fused kernel's ``found_inf`` when it ran.
+
+    ``owned=True`` lets the eager path unscale ``grads`` in place (for gradients the caller
+    has just created and nobody else holds).
+    """
     _check_loss_scale(loss_scale)
     leaves, spec = _tree.tree_flatten(grads)
     idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
     floats = [leaves[i] for i in idx]
     if isinstance(loss_scale, NoOpLossScale):
-        return grads, all_finite(floats)
+        return grads, all_finite(floats), None
     if not floats:
-        return grads, torch.tensor(True)
+        return grads, torch.tensor(True), None
     inv = torch.reciprocal(loss_scale.loss_scale)
+    found_inf = None
     if _can_fuse(floats):
         if not owned:
             products = torch._foreach_mul(floats, inv)
             floats = [_keep_dtype(y, x.dtype) for x, y in zip(floats, products, strict=True)]
-            finite = _fused_unscale_(floats, torch.ones((), dtype=torch.float32))
-        else:
-            finite = _fused_unscale_(floats, inv)
+            inv = torch.ones((), dtype=torch.float32)
+        found_inf = _fused_unscale_(floats, inv)
+        finite = (found_inf == 0).view(())
     else:
         finite = all_finite(floats)
         floats = [_mul(x, inv) for x in floats]
     out = list(leaves)
     for i, x in zip(idx, floats, strict=True):
         out[i] = x
-    return _tree.tree_unflatten(spec, out), finite
+    return _tree.tree_unflatten(spec, out), finite, found_inf
+
+
+def _adjust(loss_scale: LossScale, finite: torch.Tensor, found_inf: torch.Tensor | None) -> Any:
+    """``loss_scale.adjust(finite)``, from the fused kernel's ``found_inf`` when there is one."""
+    if (
+        found_inf is not None
+        and isinstance(loss_scale, DynamicLossScale)
+        and loss_scale._fusable()
+        and found_inf.device == loss_scale.loss_scale.device
+    ):
+        return loss_scale._adjust_found_inf(found_inf)
+    return loss_scale.adjust(finite)
 
 
 def default_loss_scale(policy: Policy | int | str | None = None) -> LossScale:

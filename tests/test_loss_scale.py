@@ -218,7 +218,9 @@ def test_unscale_and_check_keeps_none_and_non_float_leaves() -> None:
 def test_owned_path_matches_the_pure_path(dtype: torch.dtype) -> None:
     grads = [torch.randn(5, dtype=dtype) * 64, torch.randn(2, 3).to(dtype)]
     pure, ok1 = pp.unscale_and_check(grads, pp.StaticLossScale(64))
-    owned, ok2 = _unscale_and_check([g.clone() for g in grads], pp.StaticLossScale(64), owned=True)
+    owned, ok2, _ = _unscale_and_check(
+        [g.clone() for g in grads], pp.StaticLossScale(64), owned=True
+    )
     assert_trees_all_close(pure, owned, rtol=0, atol=0)
     assert bool(ok1) == bool(ok2)
 
@@ -549,3 +551,24 @@ def test_to_moves_state() -> None:
     state = pp.DynamicLossScale(period=3).to("cpu")
     assert state.loss_scale.device.type == "cpu"
     assert state.period == 3
+
+
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=40))
+def test_fused_and_transform_safe_adjust_agree(state: Any, flags: list[bool]) -> None:
+    # Eager adjust runs torch's fused GradScaler kernel where it applies; under vmap the
+    # torch.where rule runs. Both must give the same trajectory and the same state.
+    batched = _tree.tree_map(lambda x: x[None], state)
+    step = torch.func.vmap(lambda s, f: s.adjust(f))
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        batched = step(batched, torch.tensor([flag]))
+        for a, b in zip(_tree.tree_leaves(state), _tree.tree_leaves(batched), strict=True):
+            assert torch.equal(a, b[0])
+
+
+def test_fused_adjust_is_used_for_the_defaults() -> None:
+    assert pp.DynamicLossScale()._fusable()
+    assert pp.DynamicLossScale(factor=4.0)._fusable()
+    assert not pp.DynamicLossScale(factor=3.0)._fusable()
+    assert not pp.DynamicLossScale(hysteresis=2)._fusable()
+    assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
