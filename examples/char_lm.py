@@ -12,13 +12,14 @@ final training and validation losses.
     python examples/char_lm.py --precision bf16-mixed
     python examples/char_lm.py --compare             # 32-true, bf16-mixed, bf16-true
 
-What to expect from ``--compare``: on a CPU with bfloat16 matrix units (Intel AMX, or AVX512-BF16)
-and on CUDA GPUs, a bfloat16 matmul is several times faster than a float32 one and the bf16
-policies train faster. On a CPU without them (AVX2 only, e.g. many AMD EPYC and older Intel
-parts) torch emulates bfloat16 and float16 matmuls, which are then about ten times *slower* than
-float32: polprec passes on whatever speed the hardware has. The run prints this machine's
+What to expect from ``--compare``: on a CPU with bfloat16 matrix units (Intel AMX, or
+AVX512-BF16) a bfloat16 matmul is several times faster than a float32 one and the bf16 policies
+train faster. On a CPU without them (AVX2 only, e.g. many AMD EPYC and older Intel
+parts) torch emulates bfloat16 and float16 matmuls, which are then many times *slower* than
+float32 (50x for a matmul and 10x for this model's training step on an AVX2 AMD EPYC):
+polprec passes on whatever speed the hardware has. The run prints this machine's
 measured 16-bit/float32 matmul throughput so the table can be read against it. float16
-("16-mixed", add it with ``--policies``) has no fast CPU path at all.
+("16-mixed", add it with ``--policies``) is slow on most CPUs.
 """
 
 from __future__ import annotations
@@ -176,9 +177,9 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = make_parser(
-        __doc__, precision="32-true", steps=80, batch_size=16, lr=2e-3, threads=None
-    )
+    # One thread by default: timings stay stable when another process shares the cores (with
+    # two threads on two busy cores each parallel region waits for a descheduled thread).
+    parser = make_parser(__doc__, precision="32-true", steps=80, batch_size=16, lr=2e-3, threads=1)
     parser.add_argument("--compare", action="store_true", help="run --policies side by side")
     parser.add_argument("--policies", nargs="+", default=COMPARE, help="precisions for --compare")
     parser.add_argument("--context", type=int, default=128)
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     f32 = matmul_speed(torch.float32)
     print(
         f"{len(text):,} bytes of standard-library source; CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; matmul "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}; matmul "
         f"float32 {f32:.1f} GFLOP/s, bfloat16 {matmul_speed(torch.bfloat16) / f32:.2f}x, "
         f"float16 {matmul_speed(torch.float16) / f32:.2f}x of float32"
     )
