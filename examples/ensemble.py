@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_digits(seed=args.seed)
     n = args.members
     models = [make_model(args.hidden, args.seed + i) for i in range(n)]
-    stacked, _ = stack_module_state(models)  # type: ignore[arg-type]
+    stacked, _ = stack_module_state(models)
     params = pp.cast_params({k: v.detach() for k, v in stacked.items()}, policy)
     opt = vmap(adam_init)(params)  # one Adam state (and step count) per member
     log2 = [args.log2_scales[i % len(args.log2_scales)] for i in range(n)]
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return params, opt, scale, loss, finite
 
     step = vmap(member_step)
-    # Each member gets its own shuffle of the training set: (steps, members, batch) indices.
+    # Each member gets its own shuffle of the training set; a step takes one batch from each.
     plans = [
         batches(len(data.y_train), args.batch_size, args.steps, args.seed + i) for i in range(n)
     ]
