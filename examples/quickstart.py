@@ -11,7 +11,7 @@ def main() -> None:
     torch.manual_seed(0)
     policy = pp.get_policy("bf16-mixed")
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
-    params = pp.cast_params(dict(model.named_parameters()), policy)
+    params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
     loss_scale = pp.default_loss_scale(policy)
 
     def loss_fn(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""Pieces the examples share: the digits data, a functional Adam, and small report helpers.
+
+Everything here is pure: the optimizer state is a dict of tensors, and ``adam_update``
+returns new parameters and a new state without touching its inputs, so a step can be
+skipped with ``pp.select_tree`` and vmapped over ensemble members.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+Tree = dict[str, torch.Tensor]
+
+
+def make_parser(
+    doc: str,
+    *,
+    precision: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    threads: int | None,
+    hidden: int | None = None,
+) -> argparse.ArgumentParser:
+    """An argument parser with the options every example shares, with these defaults."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="any spec polprec.get_policy accepts (e.g. 32-true, bf16-mixed, 16-mixed, "
+        f"bf16-true, 'p=f32,c=f16'); default: POLPREC_PRECISION or {precision}",
+    )
+    parser.set_defaults(fallback_precision=precision)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    if hidden is not None:
+        parser.add_argument("--hidden", type=int, default=hidden, help="MLP width")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help="torch intra-op threads" + (" (default: torch's choice)" if threads is None else ""),
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def precision_spec(args: argparse.Namespace) -> str:
+    """``--precision``, else ``POLPREC_PRECISION`` (set by ``polprec run``), else the default."""
+    spec: str = args.precision or os.environ.get("POLPREC_PRECISION") or args.fallback_precision
+    return spec
+
+
+class Digits(NamedTuple):
+    """scikit-learn's bundled 8x8 handwritten digits, split once with a fixed seed."""
+
+    x_train: torch.Tensor  # (n, 64) float32, pixel values scaled to [0, 1]
+    y_train: torch.Tensor  # (n,) int64 labels 0-9
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Digits:
+    """The digits (1797 images, no download), split into train and test sets."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    data = sklearn_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = round(len(y) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return Digits(x[train], y[train], x[test], y[test])
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` index batches over ``n`` examples, reshuffled every epoch (drop last)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        order = torch.randperm(n, generator=gen)
+        out.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+    return out[:steps]
+
+
+def adam_init(params: Tree) -> dict[str, Any]:
+    """Adam's state: a step count and first/second moments in each parameter's dtype."""
+    return {
+        "step": torch.zeros((), dtype=torch.int32),
+        "m": {k: torch.zeros_like(p) for k, p in params.items()},
+        "v": {k: torch.zeros_like(p) for k, p in params.items()},
+    }
+
+
+def adam_update(
+    params: Tree,
+    grads: Tree,
+    state: dict[str, Any],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[Tree, dict[str, Any]]:
+    """One AdamW step as a pure function: ``(params, grads, state) -> (params, state)``.
+
+    No host synchronisation (the bias corrections are tensors), so it runs under ``vmap``
+    and inside a skipped step chosen by ``pp.select_tree``.
+    """
+    b1, b2 = betas
+    step = state["step"] + 1
+    t = step.to(torch.float32)
+    c1 = 1 - b1**t
+    c2 = 1 - b2**t
+    new_m, new_v, new_p = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        m = b1 * state["m"][k] + (1 - b1) * g
+        v = b2 * state["v"][k] + (1 - b2) * g * g
+        update = (m / c1) / ((v / c2).sqrt() + eps) + weight_decay * p
+        new_m[k], new_v[k] = m, v
+        new_p[k] = (p - lr * update).to(p.dtype)
+    return new_p, {"step": step, "m": new_m, "v": new_v}
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (None: unchanged), then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percentage of ``labels`` that ``logits.argmax(-1)`` gets right."""
+    return 100.0 * float((logits.argmax(-1) == labels).float().mean())
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    """Median of per-step wall times, in milliseconds, skipping the first (warm-up) step."""
+    timed = seconds[1:] if len(seconds) > 1 else seconds
+    return 1000.0 * statistics.median(timed)
+
+
+def power_of_two(x: float) -> str:
+    """``x`` as ``2^k`` when it is a power of two (e.g. a loss weight), else ``format(x, "g")``."""
+    mantissa, exponent = math.frexp(x)
+    return f"2^{exponent - 1}" if mantissa == 0.5 and abs(exponent - 1) > 4 else f"{x:g}"
+
+
+Format = str | Callable[[Any], str]
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Format]]) -> None:
+    """Print ``rows`` as a Markdown table; ``columns`` are ``(key, format spec or function)``."""
+    cells = [
+        [fmt(row[k]) if callable(fmt) else format(row[k], fmt) for k, fmt in columns]
+        for row in rows
+    ]
+    heads = [k for k, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+
+    def line(xs: Sequence[str]) -> str:
+        return "| " + " | ".join(x.rjust(w) for x, w in zip(xs, widths, strict=True)) + " |"
+
+    print(line(heads))
+    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    for c in cells:
+        print(line(c))

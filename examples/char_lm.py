@@ -1,0 +1,226 @@
+"""A small character-level transformer trained on Python's own standard library sources.
+
+The text ships with every Python install (the ``.py`` files of
+``sysconfig.get_paths()["stdlib"]``, read in sorted order), so nothing is downloaded. The model
+is a byte-level, pre-norm causal transformer whose time goes into matrix multiplications:
+a compute-bound workload, where the speed of a 16-bit policy is the speed of the machine's
+16-bit matrix units. The same functional step as ``train_digits.py`` (``pp.value_and_grad``,
+a pure Adam update, ``pp.select_tree``) trains it; the report gives tokens per second and the
+final training and validation losses.
+
+    python examples/char_lm.py                       # precision from POLPREC_PRECISION
+    python examples/char_lm.py --precision bf16-mixed
+    python examples/char_lm.py --compare             # 32-true, bf16-mixed, bf16-true
+
+What to expect from ``--compare``: on a CPU with bfloat16 matrix units (Intel AMX, or
+AVX512-BF16) a bfloat16 matmul is several times faster than a float32 one and the bf16 policies
+train faster. On a CPU without them (AVX2 only, e.g. many AMD EPYC and older Intel
+parts) torch emulates bfloat16 and float16 matmuls, which are then many times *slower* than
+float32 (50x for a matmul and 10x for this model's training step on an AVX2 AMD EPYC):
+polprec passes on whatever speed the hardware has. The run prints this machine's
+measured 16-bit/float32 matmul throughput so the table can be read against it. float16
+("16-mixed", add it with ``--policies``) is slow on most CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sysconfig
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (
+    adam_init,
+    adam_update,
+    make_parser,
+    median_ms,
+    precision_spec,
+    print_table,
+    threads,
+)
+from torch import nn
+from tqdm import tqdm
+
+import polprec as pp
+
+COMPARE = ["32-true", "bf16-mixed", "bf16-true"]
+
+
+def stdlib_text(n_bytes: int) -> torch.Tensor:
+    """The first ``n_bytes`` bytes of the standard library's top-level ``.py`` files, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= n_bytes:
+            break
+    text = b"".join(chunks)[:n_bytes]
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and a GELU MLP."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharTransformer(nn.Module):
+    """Byte embeddings, learned positions, ``n_layers`` blocks and a linear head to 256 logits."""
+
+    def __init__(self, *, d_model: int, n_layers: int, n_heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, d_model)
+        self.pos = nn.Parameter(torch.zeros(context, d_model))
+        self.blocks = nn.Sequential(*(Block(d_model, n_heads) for _ in range(n_layers)))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 256)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.ln(self.blocks(x)))
+
+
+def matmul_speed(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
+    """Measured GFLOP/s of an ``n x n`` matmul in ``dtype`` on the CPU (best of ``reps``)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one model under ``precision``; return its report."""
+    policy = pp.get_policy(precision)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        model = CharTransformer(
+            d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, context=args.context
+        )
+    params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
+    opt = adam_init(params)
+    scale = pp.default_loss_scale(policy)
+
+    def loss_fn(params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        logits = pp.apply_with_policy(model, params, tokens[:, :-1], policy=policy)
+        return nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
+
+    grad_fn = pp.value_and_grad(loss_fn)
+
+    def step(params: Any, opt: Any, scale: pp.LossScale, tokens: torch.Tensor) -> Any:
+        loss, grads, finite, scale = grad_fn(params, tokens, loss_scale=scale)
+        new_params, new_opt = adam_update(params, grads, opt, lr=args.lr, weight_decay=0.01)
+        params, opt = pp.select_tree(finite, (new_params, new_opt), (params, opt))
+        return params, opt, scale, loss
+
+    n_val = len(text) // 20
+    train_text, val_text = text[:-n_val], text[-n_val:]
+    gen = torch.Generator().manual_seed(args.seed)
+    span = args.context + 1
+
+    def sample(source: torch.Tensor) -> torch.Tensor:
+        starts = torch.randint(0, len(source) - span, (args.batch_size,), generator=gen)
+        return torch.stack([source[s : s + span] for s in starts.tolist()])
+
+    losses, seconds = [], []
+    bar = tqdm(range(args.steps), desc=precision, disable=args.quiet, leave=False)
+    for i in bar:
+        tokens = sample(train_text)
+        start = time.perf_counter()
+        params, opt, scale, loss = step(params, opt, scale, tokens)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss)
+        if not args.quiet and i % 10 == 0:  # reading the loss syncs; only for the display
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    with torch.no_grad():
+        val_loss = torch.stack([loss_fn(params, sample(val_text)) for _ in range(4)]).mean()
+    curve = torch.stack(losses).float()
+    tail = max(1, len(curve) // 10)
+    return {
+        "precision": precision,
+        "policy": str(policy),
+        "tokens/s": args.batch_size * args.context / (median_ms(seconds) / 1000),
+        "step ms": median_ms(seconds),
+        "first loss": float(curve[:tail].mean()),
+        "final loss": float(curve[-tail:].mean()),
+        "val loss": float(val_loss),
+        "loss curve": curve,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    # One thread by default: timings stay stable when another process shares the cores (with
+    # two threads on two busy cores each parallel region waits for a descheduled thread).
+    parser = make_parser(__doc__, precision="32-true", steps=80, batch_size=16, lr=2e-3, threads=1)
+    parser.add_argument("--compare", action="store_true", help="run --policies side by side")
+    parser.add_argument("--policies", nargs="+", default=COMPARE, help="precisions for --compare")
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--text-bytes", type=int, default=1_000_000)
+    return parser.parse_args(argv)
+
+
+COLUMNS = [
+    ("precision", "s"),
+    ("tokens/s", ".0f"),
+    ("step ms", ".1f"),
+    ("first loss", ".3f"),
+    ("final loss", ".3f"),
+    ("val loss", ".3f"),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the example; return one report dict per policy."""
+    args = parse_args(argv)
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    text = stdlib_text(args.text_bytes)
+    f32 = matmul_speed(torch.float32)
+    print(
+        f"{len(text):,} bytes of standard-library source; CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}; matmul "
+        f"float32 {f32:.1f} GFLOP/s, bfloat16 {matmul_speed(torch.bfloat16) / f32:.2f}x, "
+        f"float16 {matmul_speed(torch.float16) / f32:.2f}x of float32"
+    )
+    precisions = args.policies if args.compare else [precision_spec(args)]
+    rows = [train(text, p, args) for p in precisions]
+    print_table(rows, COLUMNS)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

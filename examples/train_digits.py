@@ -1,0 +1,247 @@
+"""Train an MLP on scikit-learn's handwritten digits under any precision, or all side by side.
+
+The training step is functional: ``pp.value_and_grad`` scales the loss, differentiates,
+unscales, checks the gradients and adjusts the loss scale; a pure Adam update (a dict of
+tensors in, a dict of tensors out) proposes new parameters; ``pp.select_tree`` keeps the old
+ones when the gradients overflowed. Parameters live in the policy's param dtype
+(``pp.cast_params``) and the forward runs through ``pp.apply_with_policy``.
+
+    python examples/train_digits.py                        # precision from POLPREC_PRECISION
+    python examples/train_digits.py --precision bf16-mixed
+    python examples/train_digits.py --compare --plot digits.png
+
+``--compare`` trains float32 ("32-true"), "bf16-mixed", "16-mixed" with dynamic loss scaling,
+"bf16-true" and "16-mixed" without loss scaling on the same data from the same start, then
+repeats float32 and the two "16-mixed" runs on a case built to underflow.
+
+Why the underflow case underflows: its loss is multiplied by a tiny weight (``2**-20``,
+about 1e-6, as a small auxiliary term or a sum divided by a huge count would be). Adam is
+invariant to the scale of the loss (its ``eps`` is scaled along), so float32 trains exactly
+as before. Under "16-mixed" the backward pass runs in float16, whose smallest subnormal is
+``2**-24`` (about 6e-8) and whose smallest normal number is ``2**-14`` (about 6e-5): the
+gradient reaching the logits is about ``1e-6 * 0.5 / batch_size``, about 8e-9, which rounds
+to zero, so every gradient is zero and the model never moves. Dynamic loss scaling multiplies
+the loss by ``2**15`` (and more as training goes on) before the backward pass and divides
+the float32 gradients afterwards, which lifts them back into float16's range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from _common import (
+    Digits,
+    accuracy,
+    adam_init,
+    adam_update,
+    batches,
+    load_digits,
+    make_parser,
+    median_ms,
+    power_of_two,
+    precision_spec,
+    print_table,
+    threads,
+)
+from torch import nn
+from tqdm import tqdm
+
+import polprec as pp
+
+COMPARE = [  # (precision, loss scaling)
+    ("32-true", "none"),
+    ("bf16-mixed", "none"),
+    ("16-mixed", "dynamic"),
+    ("bf16-true", "none"),
+    ("16-mixed", "none"),
+]
+UNDERFLOW = [("32-true", "none"), ("16-mixed", "dynamic"), ("16-mixed", "none")]
+
+
+def make_model(hidden: int, seed: int) -> nn.Module:
+    """A 64-hidden-hidden-10 MLP with GELUs, initialised from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.Linear(64, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, 10),
+        )
+
+
+def make_loss_scale(kind: str, policy: pp.Policy, period: int) -> pp.LossScale:
+    """``"dynamic"``, ``"none"``, or ``"auto"`` (dynamic when the policy uses float16)."""
+    if kind == "auto":
+        kind = "dynamic" if policy.uses_float16 else "none"
+    if kind == "dynamic":
+        return pp.DynamicLossScale(2.0**15, period=period)
+    return pp.NoOpLossScale()
+
+
+def train(
+    data: Digits,
+    *,
+    precision: str,
+    loss_scale: str,
+    loss_weight: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Train one model; return its report and per-step loss and loss-scale curves."""
+    policy = pp.get_policy(precision)
+    model = make_model(args.hidden, args.seed)
+    # Detached: the functional update must not chain autograd graphs from step to step.
+    params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
+    opt = adam_init(params)
+    scale = make_loss_scale(loss_scale, policy, args.scale_period)
+    eps = 1e-8 * loss_weight  # Adam is then invariant to the loss weight
+
+    def loss_fn(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = pp.apply_with_policy(model, params, x, policy=policy)
+        return loss_weight * nn.functional.cross_entropy(logits, y)
+
+    grad_fn = pp.value_and_grad(loss_fn)
+
+    def step(params: Any, opt: Any, scale: pp.LossScale, x: torch.Tensor, y: torch.Tensor) -> Any:
+        loss, grads, finite, scale = grad_fn(params, x, y, loss_scale=scale)
+        new_params, new_opt = adam_update(params, grads, opt, lr=args.lr, eps=eps)
+        params, opt = pp.select_tree(finite, (new_params, new_opt), (params, opt))
+        return params, opt, scale, loss, finite
+
+    name = f"{precision}, {type(scale).__name__}" + (
+        f", loss x{power_of_two(loss_weight)}" if loss_weight != 1 else ""
+    )
+    losses, scales, finites, seconds = [], [], [], []
+    plan = batches(len(data.y_train), args.batch_size, args.steps, args.seed)
+    bar = tqdm(plan, desc=name, disable=args.quiet, leave=False)
+    for i, idx in enumerate(bar):
+        x, y = data.x_train[idx], data.y_train[idx]
+        start = time.perf_counter()
+        params, opt, scale, loss, finite = step(params, opt, scale, x, y)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss)
+        scales.append(scale.loss_scale)
+        finites.append(finite)
+        if not args.quiet and i % 50 == 0:  # reading the loss syncs; only for the display
+            bar.set_postfix(loss=f"{float(loss) / loss_weight:.3f}")
+    bar.close()
+
+    with torch.no_grad():
+        logits = pp.apply_with_policy(model, params, data.x_test, policy=policy)
+    loss_curve = torch.stack(losses).float() / loss_weight
+    return {
+        "precision": precision,
+        "policy": str(policy),
+        "loss scale": type(scale).__name__.removesuffix("LossScale"),
+        "loss weight": loss_weight,
+        "test acc %": accuracy(logits.float(), data.y_test),
+        "final loss": float(loss_curve[-20:].mean()),
+        "step ms": median_ms(seconds),
+        "skipped": int((~torch.stack(finites)).sum()),
+        "final scale": float(scale.loss_scale),
+        "param dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
+        "loss curve": loss_curve,
+        "scale curve": torch.stack(scales).float(),
+    }
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
+    """Save the loss and loss-scale curves of ``rows`` to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_scale) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        tiny = row["loss weight"] != 1
+        label = f"{row['precision']}, {row['loss scale']}" + (
+            f", loss x{power_of_two(row['loss weight'])}" if tiny else ""
+        )
+        style = {"label": label, "linewidth": 1, "linestyle": "--" if tiny else "-"}
+        window = min(20, len(row["loss curve"]))
+        smooth = row["loss curve"].unfold(0, window, 1).mean(1)  # running mean
+        ax_loss.plot(range(window - 1, len(row["loss curve"])), smooth.numpy(), **style)
+        if row["loss scale"] == "Dynamic":
+            ax_scale.plot(row["scale curve"].numpy(), **style)
+    ax_loss.set(xlabel="step", ylabel="training loss (unweighted, running mean of 20)")
+    ax_loss.set_yscale("log")
+    ax_scale.set(xlabel="step", ylabel="loss scale (dynamic runs; the others use 1)")
+    ax_scale.set_yscale("log", base=2)
+    ax_loss.legend(fontsize=7)
+    if ax_scale.lines:
+        ax_scale.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    # One thread by default: the model is too small to gain from more.
+    parser = make_parser(
+        __doc__, precision="32-true", steps=600, batch_size=64, lr=2e-3, threads=1, hidden=128
+    )
+    parser.add_argument(
+        "--loss-scale",
+        choices=["auto", "dynamic", "none"],
+        default="auto",
+        help="auto: DynamicLossScale when the policy uses float16, else none",
+    )
+    parser.add_argument("--loss-weight", type=float, default=1.0, help="multiplies the loss")
+    parser.add_argument("--compare", action="store_true", help="run every policy, print a table")
+    parser.add_argument(
+        "--underflow-weight",
+        type=float,
+        default=2.0**-20,
+        help="loss weight of the underflow case in --compare",
+    )
+    parser.add_argument("--plot", metavar="FILE.png", help="save loss and loss-scale curves")
+    parser.add_argument(
+        "--scale-period", type=int, default=100, help="DynamicLossScale growth period"
+    )
+    return parser.parse_args(argv)
+
+
+COLUMNS = [
+    ("precision", "s"),
+    ("loss scale", "s"),
+    ("loss weight", power_of_two),
+    ("test acc %", ".1f"),
+    ("final loss", ".4f"),
+    ("step ms", ".2f"),
+    ("skipped", "d"),
+    ("final scale", power_of_two),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the example; return one report dict per training run."""
+    args = parse_args(argv)
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = load_digits(seed=args.seed)
+    if args.compare:
+        runs = [(p, s, 1.0) for p, s in COMPARE]
+        runs += [(p, s, args.underflow_weight) for p, s in UNDERFLOW]
+    else:
+        runs = [(precision_spec(args), args.loss_scale, args.loss_weight)]
+    rows = [train(data, precision=p, loss_scale=s, loss_weight=w, args=args) for p, s, w in runs]
+    if not args.compare:
+        print(f"policy: {rows[0]['policy']}")
+    print_table(rows, COLUMNS)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"saved {args.plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

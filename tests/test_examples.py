@@ -1,0 +1,190 @@
+"""Smoke tests of the examples at small sizes: each runs in-process and its numbers are checked."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+import polprec as pp
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the examples import their siblings by name)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def run_main(name: str, argv: list[str] | None) -> tuple[Any, str]:
+    """``examples/<name>.py``'s ``main(argv)`` (``main()`` for None) and what it printed."""
+    main = load(name).main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = main() if argv is None else main(argv)
+    return result, out.getvalue()
+
+
+def by_name(
+    rows: list[dict[str, Any]], precision: str, scale: str, weight: float
+) -> dict[str, Any]:
+    (row,) = [
+        r
+        for r in rows
+        if (r["precision"], r["loss scale"], r["loss weight"]) == (precision, scale, weight)
+    ]
+    return row
+
+
+def test_quickstart_runs_and_stays_finite() -> None:
+    _, printed = run_main("quickstart", None)
+    assert printed.count("finite True") == 5
+    assert "policy: params=float32,compute=bfloat16,output=float32" in printed
+
+
+@pytest.mark.slow
+def test_train_digits_compare_matches_float32_and_shows_underflow() -> None:
+    weight = 2.0**-20
+    rows, printed = run_main(
+        "train_digits", ["--compare", "--quiet", "--steps", "200", "--hidden", "64"]
+    )
+    assert len(rows) == 8
+    assert "precision | loss scale | loss weight | test acc %" in printed
+    assert "2^-20" in printed
+    f32 = by_name(rows, "32-true", "NoOp", 1.0)
+    assert f32["test acc %"] > 90  # chance is 10%
+    for precision, scale in [("bf16-mixed", "NoOp"), ("16-mixed", "Dynamic")]:
+        row = by_name(rows, precision, scale, 1.0)
+        assert abs(row["test acc %"] - f32["test acc %"]) <= 1.5, row
+        assert torch.isfinite(row["loss curve"]).all()
+    assert by_name(rows, "bf16-true", "NoOp", 1.0)["param dtype"] == "bfloat16"
+    assert by_name(rows, "bf16-mixed", "NoOp", 1.0)["param dtype"] == "float32"
+
+    # The underflow case: float32 does not care about the loss weight (Adam is invariant to
+    # it), float16 without scaling gets all-zero gradients, dynamic scaling rescues it.
+    f32_tiny = by_name(rows, "32-true", "NoOp", weight)
+    assert abs(f32_tiny["test acc %"] - f32["test acc %"]) <= 0.5
+    stalled = by_name(rows, "16-mixed", "NoOp", weight)
+    rescued = by_name(rows, "16-mixed", "Dynamic", weight)
+    curve = stalled["loss curve"]
+    assert curve[-20:].mean() > 0.95 * curve[:20].mean()  # the loss does not decrease
+    assert stalled["test acc %"] < 30
+    assert abs(rescued["test acc %"] - f32_tiny["test acc %"]) <= 1.5
+    assert rescued["final loss"] < 0.5 * stalled["final loss"]
+    # Dynamic scales are powers of two that grew from 2**15 (period 100, 200 steps).
+    for row in (rescued, by_name(rows, "16-mixed", "Dynamic", 1.0)):
+        assert math.log2(row["final scale"]).is_integer()
+        assert row["final scale"] >= 2.0**15 or row["skipped"] > 0
+    assert stalled["final scale"] == 1.0 and stalled["skipped"] == 0
+
+
+def test_train_digits_single_run_reads_env_and_plots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLPREC_PRECISION", "bf16-true")
+    png = tmp_path / "curves.png"
+    argv = ["--quiet", "--steps", "40", "--hidden", "32", "--plot", str(png)]
+    threads_before = torch.get_num_threads()
+    (row,), printed = run_main("train_digits", argv)
+    assert torch.get_num_threads() == threads_before
+    assert row["policy"] == str(pp.get_policy("bf16-true"))
+    assert row["param dtype"] == "bfloat16"
+    assert row["loss scale"] == "NoOp"
+    assert row["step ms"] > 0
+    assert row["loss curve"].shape == (40,) and row["scale curve"].shape == (40,)
+    assert row["loss curve"][-10:].mean() < row["loss curve"][:10].mean()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"saved {png}" in printed
+
+
+def test_train_digits_auto_loss_scale_for_float16() -> None:
+    (row,), _ = run_main(
+        "train_digits", ["--precision", "16-mixed", "--quiet", "--steps", "5", "--hidden", "16"]
+    )
+    assert row["loss scale"] == "Dynamic"
+    assert row["final scale"] == 2.0**15
+
+
+@pytest.mark.slow
+def test_char_lm_loss_decreases_and_reports_speed() -> None:
+    argv = ["--compare", "--policies", "32-true", "bf16-mixed", "--quiet", "--steps", "12"]
+    argv += ["--d-model", "32", "--layers", "1", "--heads", "2", "--context", "32"]
+    argv += ["--batch-size", "8", "--text-bytes", "40000", "--lr", "1e-2"]
+    rows, printed = run_main("char_lm", argv)
+    assert [r["precision"] for r in rows] == ["32-true", "bf16-mixed"]
+    assert "40,000 bytes of standard-library source" in printed
+    for row in rows:
+        assert row["tokens/s"] > 0
+        assert row["final loss"] < row["first loss"] - 0.5, row
+        assert math.isfinite(row["val loss"]) and row["val loss"] < row["first loss"]
+    # Same data, same start: bf16 compute ends near the float32 loss.
+    assert abs(rows[0]["final loss"] - rows[1]["final loss"]) < 0.2
+
+
+def test_char_lm_text_is_deterministic() -> None:
+    char_lm = load("char_lm")
+    a, b = char_lm.stdlib_text(5000), char_lm.stdlib_text(5000)
+    assert a.dtype == torch.int64 and a.shape == (5000,)
+    assert torch.equal(a, b)
+    assert b"import" in bytes(a.to(torch.uint8).tolist())
+
+
+def test_clip_and_noise_bounds_each_sample() -> None:
+    per_sample = load("per_sample_grads")
+    grads = {"w": torch.randn(6, 3, 4) * 5, "b": torch.randn(6, 4)}
+    grads["w"][0] *= 0  # a zero gradient stays zero (no division by its norm)
+    grads["b"][0] *= 0
+    gen = torch.Generator().manual_seed(0)
+    mean, raw, clipped = per_sample.clip_and_noise(grads, clip=1.0, noise=0.0, generator=gen)
+    flat = torch.cat([grads["w"].flatten(1), grads["b"]], dim=1)
+    torch.testing.assert_close(raw, flat.norm(dim=1))
+    assert (clipped <= 1.0 + 1e-5).all() and raw.max() > 1.0
+    factors = (1.0 / (raw + 1e-6)).clamp(max=1.0)
+    torch.testing.assert_close(mean["w"], (grads["w"] * factors.view(-1, 1, 1)).mean(0))
+    # With noise, the mean moves by noise * clip / batch per coordinate (in distribution).
+    noisy, _, _ = per_sample.clip_and_noise(grads, clip=1.0, noise=1.0, generator=gen)
+    assert not torch.equal(noisy["w"], mean["w"])
+    assert grads["w"].shape == (6, 3, 4)  # inputs untouched
+
+
+def test_per_sample_grads_policy_holds_inside_vmap() -> None:
+    rows, printed = run_main(
+        "per_sample_grads", ["--quiet", "--steps", "40", "--batch-size", "64", "--clip", "0.5"]
+    )
+    bf16, f32 = rows
+    assert bf16["policy"] == str(pp.get_policy("bf16-mixed"))
+    assert bf16["dtype in vmap"] == "bfloat16" and f32["dtype in vmap"] == "float32"
+    assert bf16["grad dtype"] == "float32"  # gradients in the param dtype
+    for row in rows:
+        assert row["max norm"] > 0.5  # clipping was active ...
+        assert row["max clipped norm"] <= 0.5 * (1 + 1e-4)  # ... and bounded every example
+        assert row["test acc %"] > 50
+    assert abs(bf16["test acc %"] - f32["test acc %"]) <= 5
+    assert "clip 0.5" in printed
+
+
+def test_ensemble_members_keep_independent_loss_scales() -> None:
+    argv = ["--quiet", "--members", "3", "--log2-scales", "10", "26", "15", "--steps", "60"]
+    report, printed = run_main("ensemble", [*argv, "--hidden", "32", "--scale-period", "25"])
+    low, high, mid = report["members"]
+    assert report["dtype in vmap"]["polprec"] == "float16"
+    assert "first layer computes in float16 with pp.apply_with_policy" in printed
+    # The 2**26 member overflowed float16 and backed off; the 2**10 one grew.
+    assert high["skipped"] > 0 and high["final scale"] < 2.0**26
+    assert low["skipped"] == 0 and low["final scale"] == 2.0**12  # 60 steps, period 25
+    assert mid["final scale"] >= 2.0**15 or mid["skipped"] > 0
+    assert len({m["final scale"] for m in report["members"]}) >= 2
+    for member in report["members"]:
+        assert member["test acc %"] > 60, member
+        assert math.isfinite(member["final loss"])
+    assert report["ensemble acc %"] > 60
