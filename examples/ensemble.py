@@ -25,7 +25,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import optree
 import torch
 from _common import (
     Tree,
@@ -47,15 +46,6 @@ from tqdm import tqdm
 from train_digits import make_model
 
 import polprec as pp
-
-
-def stack_trees(trees: Sequence[Any]) -> Any:
-    """Stack same-structured pytrees (e.g. loss-scale states) leafwise along a new dim 0.
-
-    polprec's states are registered in torch's pytree registry, which optree reads under
-    ``namespace="torch"``.
-    """
-    return optree.tree_map(lambda *xs: torch.stack(xs), *trees, namespace="torch")
 
 
 def hooked_dtypes(
@@ -109,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = pp.cast_params({k: v.detach() for k, v in stacked.items()}, policy)
     opt = vmap(adam_init)(params)  # one Adam state (and step count) per member
     log2 = [args.log2_scales[i % len(args.log2_scales)] for i in range(n)]
-    scales = stack_trees([pp.DynamicLossScale(2.0**e, period=args.scale_period) for e in log2])
+    scales = pp.stack_trees([pp.DynamicLossScale(2.0**e, period=args.scale_period) for e in log2])
     base = models[0]
 
     def loss_fn(params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

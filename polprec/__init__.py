@@ -21,7 +21,7 @@ from polprec.loss_scale import (
 )
 from polprec.policy import Policy, get_policy, half_dtype, parse_dtype
 from polprec.rules import PolicyRules
-from polprec.tree import all_finite, cast_params, cast_tree, select_tree
+from polprec.tree import all_finite, cast_params, cast_tree, select_tree, stack_trees
 
 __version__ = "0.1.0"
 
@@ -46,6 +46,7 @@ __all__ = [
     "parse_dtype",
     "scale_loss",
     "select_tree",
+    "stack_trees",
     "to_fsdp_mixed_precision",
     "unscale_and_check",
     "value_and_grad",

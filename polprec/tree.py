@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -13,7 +14,7 @@ from polprec.policy import Policy, get_policy, parse_dtype
 if TYPE_CHECKING:
     from polprec.rules import PolicyRules
 
-__all__ = ["all_finite", "cast_params", "cast_tree", "select_tree"]
+__all__ = ["all_finite", "cast_params", "cast_tree", "select_tree", "stack_trees"]
 
 
 def cast_tree(tree: Any, dtype: torch.dtype | str) -> Any:
@@ -151,4 +152,52 @@ def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
                     f"{b!r}); only tensors can be selected without a host synchronisation"
                 )
             out.append(a)
+    return _tree.tree_unflatten(spec, out)
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Stack trees of one structure leafwise along a new leading dimension.
+
+    The pytree counterpart of ``torch.func.stack_module_state``: stack loss-scale states,
+    optimizer states or batches so that ``vmap`` gives each ensemble member its own slice.
+    Tensor leaves are stacked with ``torch.stack``; other leaves must be equal in every tree
+    and are kept. Loss-scale settings (static metadata) must match too.
+
+    Raises:
+        TypeError: ``trees`` is not a non-empty list or tuple.
+        ValueError: the trees differ in structure (or settings) or in a non-tensor leaf.
+
+    Examples:
+        >>> import polprec as pp
+        >>> states = stack_trees([pp.DynamicLossScale(2.0**k, period=10) for k in (4, 8)])
+        >>> states.loss_scale, states.period
+        (tensor([ 16., 256.]), 10)
+    """
+    if not isinstance(trees, list | tuple) or not trees:
+        raise TypeError(
+            f"stack_trees takes a non-empty list or tuple of trees, got {trees!r} of type "
+            f"{type(trees).__name__}"
+        )
+    flat = [_tree.tree_flatten_with_path(t) for t in trees]
+    paths, first_leaves, spec = flat[0]
+    for k, (_, _, other) in enumerate(flat[1:], start=1):
+        if other != spec:
+            raise ValueError(
+                f"stack_trees: tree {k} differs in structure from tree 0:\n  tree 0: {spec}\n"
+                f"  tree {k}: {other}"
+            )
+    out = []
+    for i, path in enumerate(paths):
+        column = [leaves[i] for _, leaves, _ in flat]
+        if all(isinstance(x, torch.Tensor) for x in column):
+            out.append(torch.stack(column))
+        elif any(isinstance(x, torch.Tensor) for x in column) or any(
+            x is not column[0] and x != column[0] for x in column
+        ):
+            raise ValueError(
+                f"stack_trees: leaf {_tree.path_str(path)} is not a tensor in every tree and "
+                f"differs between them ({[type(x).__name__ for x in column]})"
+            )
+        else:
+            out.append(first_leaves[i])
     return _tree.tree_unflatten(spec, out)

@@ -97,6 +97,13 @@ CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
         ValueError,
         "torch.float64",
     ),
+    ("stack_trees dict", lambda: pp.stack_trees({"a": torch.ones(1)}), TypeError, "dict"),  # type: ignore[arg-type]
+    (
+        "stack_trees structure",
+        lambda: pp.stack_trees([[torch.ones(1)], [torch.ones(1), torch.ones(1)]]),
+        ValueError,
+        "structure",
+    ),
     # loss-scale states
     ("Static zero", lambda: pp.StaticLossScale(0), ValueError, "0"),
     ("Static str", lambda: pp.StaticLossScale("8"), TypeError, "'8'"),  # type: ignore[arg-type]
@@ -329,6 +336,7 @@ def _calls(d: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[Any]]]:
             lambda: pp.select_tree(d["flag"], p, d["grads"] and {k: v * 2 for k, v in p.items()}),
             [p, d["flag"]],
         ),
+        ("stack_trees", lambda: pp.stack_trees([p, p]), [p]),
         ("scale", lambda: d["state"].scale(p), [p, d["state"]]),
         ("unscale", lambda: d["state"].unscale(p), [p, d["state"]]),
         ("adjust", lambda: d["state"].adjust(d["flag"]), [d["state"], d["flag"]]),

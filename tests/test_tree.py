@@ -252,3 +252,51 @@ def test_select_tree_does_not_mutate(dtype: torch.dtype) -> None:
     versions = (a["w"]._version, b["w"]._version)
     pp.select_tree(torch.tensor(True), a, b)
     assert (a["w"]._version, b["w"]._version) == versions
+
+
+# --- stack_trees -----------------------------------------------------------------------
+
+
+def test_stack_trees_over_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
+    a = pp.cast_tree(make_tree(tree_shape), float_dtype)
+    b = _tree.tree_map(lambda x: x + 1 if _tree.is_float_tensor(x) else x, a)
+    stacked = pp.stack_trees([a, b])
+    assert _tree.tree_structure(stacked) == _tree.tree_structure(a)
+    for x, y, s in zip(
+        _tree.tree_leaves(a), _tree.tree_leaves(b), _tree.tree_leaves(stacked), strict=True
+    ):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(s, torch.stack([x, y]))
+        else:
+            assert s is x
+
+
+def test_stack_trees_of_states_vmaps_per_member() -> None:
+    states = pp.stack_trees(
+        [pp.DynamicLossScale(2.0**k, period=3, min_loss_scale=2.0) for k in (2, 5)]
+    )
+    assert states.loss_scale.tolist() == [4.0, 32.0]
+    assert (states.period, states.min_loss_scale) == (3, 2.0)
+    out = torch.func.vmap(lambda s, f: s.adjust(f))(states, torch.tensor([False, False]))
+    assert out.loss_scale.tolist() == [2.0, 16.0]
+
+
+@pytest.mark.parametrize(
+    ("trees", "exc", "fragment"),
+    [
+        ([], TypeError, "non-empty"),
+        ({"a": 1}, TypeError, "dict"),
+        ([{"a": torch.ones(1)}, {"b": torch.ones(1)}], ValueError, "tree 1 differs"),
+        (
+            [pp.DynamicLossScale(period=2), pp.DynamicLossScale(period=3)],
+            ValueError,
+            "differs in structure",
+        ),
+        ([{"lr": 0.1}, {"lr": 0.2}], ValueError, "leaf lr"),
+        ([{"w": torch.ones(1)}, {"w": 1.0}], ValueError, "leaf w"),
+    ],
+)
+def test_stack_trees_errors(trees: Any, exc: type[Exception], fragment: str) -> None:
+    with pytest.raises(exc) as info:
+        pp.stack_trees(trees)
+    assert fragment in str(info.value)
