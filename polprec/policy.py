@@ -82,7 +82,7 @@ _ACCEPTED = (
     + ", ".join(repr(k) for k in _NAMED_SPECS if not k.startswith("mixed"))
     + "; Keras names 'mixed_float16', 'mixed_bfloat16'; a bare dtype name ("
     + ", ".join(sorted(_DTYPE_NAMES))
-    + ") meaning all three dtypes; or jmp's grammar 'params=<dtype>,compute=<dtype>,"
+    + ") meaning all three dtypes (but 'bf16' is Fabric's bf16-mixed); or jmp's grammar 'params=<dtype>,compute=<dtype>,"
     "output=<dtype>' with keys params|p, compute|c, output|o (e.g. 'c=bf16', "
     "'p=bf16,c=f32')"
 )
@@ -337,7 +337,10 @@ def half_dtype(device: torch.device | str | int | None = None) -> torch.dtype:
     if dev.type == "cpu":
         return _BF16
     if dev.type == "cuda":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
-            return _BF16
-        return _F16
+        if not torch.cuda.is_available():
+            return _F16
+        if torch.version.hip is not None:  # ROCm: ask torch for the current device
+            return _BF16 if torch.cuda.is_bf16_supported(including_emulation=False) else _F16
+        major, _ = torch.cuda.get_device_capability(dev)  # this device, not the current one
+        return _BF16 if major >= 8 else _F16  # native bfloat16 from Ampere (sm_80) on
     return _F16
