@@ -359,3 +359,20 @@ def test_bad_input(call: Any, exc: type[Exception], fragment: str) -> None:
     with pytest.raises(exc) as info:
         call(model, dict(model.named_parameters()))
     assert fragment in str(info.value)
+
+
+def test_bfloat16_params_halve_parameter_and_gradient_bytes(block: Block) -> None:
+    def nbytes(tree: Any) -> int:
+        return sum(x.numel() * x.element_size() for x in _tree.tree_leaves(tree))
+
+    x, y = _batch()
+    full = {k: v.detach() for k, v in block.named_parameters()}
+    half = pp.cast_params(full, "bf16-true")
+    _, g_full, _, _ = pp.value_and_grad(_loss_fn(block, "32-true"))(
+        full, x, y, loss_scale=pp.NoOpLossScale()
+    )
+    _, g_half, _, _ = pp.value_and_grad(_loss_fn(block, "bf16-true"))(
+        half, x, y, loss_scale=pp.NoOpLossScale()
+    )
+    assert nbytes(half) * 2 == nbytes(full)
+    assert nbytes(g_half) * 2 == nbytes(g_full)
