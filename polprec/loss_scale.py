@@ -170,6 +170,26 @@ class _Base:
         return type(self).from_state_dict(state_dict)
 
 
+class _Scales:
+    """``scale``/``unscale`` of the states that hold a ``loss_scale`` tensor."""
+
+    loss_scale: torch.Tensor
+
+    def scale(self, tree: Any) -> Any:
+        """Multiply the floating leaves of ``tree`` by the loss scale.
+
+        Each product is computed in float32 and returned in its leaf's dtype, so a float16
+        leaf can overflow to ``inf``; scale a loss with :func:`scale_loss`, which returns
+        float32.
+        """
+        return _tree.map_floating(tree, lambda x: _mul(x, self.loss_scale))
+
+    def unscale(self, tree: Any) -> Any:
+        """Multiply the floating leaves of ``tree`` by the float32 reciprocal of the scale."""
+        inv = torch.reciprocal(self.loss_scale)
+        return _tree.map_floating(tree, lambda x: _mul(x, inv))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NoOpLossScale(_Base):
     """No loss scaling: ``scale``/``unscale`` return their input; ``adjust`` returns ``self``.
@@ -201,7 +221,7 @@ class NoOpLossScale(_Base):
 
 
 @dataclasses.dataclass(frozen=True, eq=False, init=False)
-class StaticLossScale(_Base):
+class StaticLossScale(_Scales, _Base):
     """A fixed loss scale.
 
     Args:
@@ -222,15 +242,6 @@ class StaticLossScale(_Base):
             self, "loss_scale", _as_tensor("loss_scale", loss_scale, torch.float32, positive=True)
         )
 
-    def scale(self, tree: Any) -> Any:
-        """Multiply the floating leaves of ``tree`` by the loss scale (in float32)."""
-        return _tree.map_floating(tree, lambda x: _mul(x, self.loss_scale))
-
-    def unscale(self, tree: Any) -> Any:
-        """Multiply the floating leaves of ``tree`` by the float32 reciprocal of the scale."""
-        inv = torch.reciprocal(self.loss_scale)
-        return _tree.map_floating(tree, lambda x: _mul(x, inv))
-
     def adjust(self, grads_finite: torch.Tensor | bool) -> StaticLossScale:
         """Return ``self`` (a static scale never changes)."""
         _check_grads_finite(grads_finite)
@@ -238,7 +249,7 @@ class StaticLossScale(_Base):
 
 
 @dataclasses.dataclass(frozen=True, eq=False, init=False)
-class DynamicLossScale(_Base):
+class DynamicLossScale(_Scales, _Base):
     """A loss scale that grows after ``period`` finite steps and backs off on overflow.
 
     ``adjust(grads_finite)`` follows jmp's rule, with bounds and optional hysteresis:
@@ -349,15 +360,6 @@ class DynamicLossScale(_Base):
         }
         for name, v in values.items():
             object.__setattr__(self, name, v)
-
-    def scale(self, tree: Any) -> Any:
-        """Multiply the floating leaves of ``tree`` by the loss scale (in float32)."""
-        return _tree.map_floating(tree, lambda x: _mul(x, self.loss_scale))
-
-    def unscale(self, tree: Any) -> Any:
-        """Multiply the floating leaves of ``tree`` by the float32 reciprocal of the scale."""
-        inv = torch.reciprocal(self.loss_scale)
-        return _tree.map_floating(tree, lambda x: _mul(x, inv))
 
     def adjust(self, grads_finite: torch.Tensor | bool) -> DynamicLossScale:
         """The next state after a step whose gradients were (not) finite."""
