@@ -447,7 +447,7 @@ def test_grad_scaler_state_dict_round_trip() -> None:
             ValueError,
             "not 1/growth_factor",
         ),
-        ("scale", TypeError, "GradScaler.state_dict()"),
+        ("scale", TypeError, "GradScaler.state_dict(), got str"),
     ],
 )
 def test_grad_scaler_conversion_errors(sd: Any, exc: type[Exception], fragment: str) -> None:
@@ -572,3 +572,10 @@ def test_fused_adjust_is_used_for_the_defaults() -> None:
     assert not pp.DynamicLossScale(factor=3.0)._fusable()
     assert not pp.DynamicLossScale(hysteresis=2)._fusable()
     assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
+
+
+def test_grad_scaler_conversion_hint_only_for_empty_dicts() -> None:
+    with pytest.raises(ValueError, match="missing keys") as info:
+        pp.DynamicLossScale.from_grad_scaler_state_dict({"scale": 2.0})
+    assert "disabled" not in str(info.value)
+    assert "'growth_factor'" in str(info.value)
