@@ -90,6 +90,12 @@ def map_floating(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Apply ``fn`` to the floating tensor leaves of ``tree``; other leaves are kept as is."""
     if isinstance(tree, torch.Tensor):  # the common single-tensor case, without a tree walk
         return fn(tree) if tree.is_floating_point() else tree
+    # Fast paths for the shapes every call sees (a params dict, an args tuple); same result
+    # as the walk below: a new container of the same type with the same order.
+    if type(tree) is dict and all(type(v) is torch.Tensor for v in tree.values()):
+        return {k: fn(v) if v.is_floating_point() else v for k, v in tree.items()}
+    if type(tree) is tuple and all(type(v) is torch.Tensor for v in tree):
+        return tuple(fn(v) if v.is_floating_point() else v for v in tree)
     return tree_map(lambda x: fn(x) if is_float_tensor(x) else x, tree)
 
 

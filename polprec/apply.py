@@ -24,6 +24,10 @@ _HALF = (torch.float16, torch.bfloat16)
 def _device_type(*trees: Any) -> str:
     """The device type of the first tensor in ``trees`` (torch's default device if none)."""
     for tree in trees:
+        if type(tree) is dict and tree:  # a params dict: look at its first value only
+            first = next(iter(tree.values()))
+            if isinstance(first, torch.Tensor):
+                return first.device.type
         for leaf in _tree.tree_leaves(tree):
             if isinstance(leaf, torch.Tensor):
                 return leaf.device.type
@@ -221,7 +225,7 @@ def apply_with_policy(
         )
     policy = get_policy(policy)
     args = policy.cast_to_compute(_as_args(args))
-    kwargs = policy.cast_to_compute(dict(kwargs))
+    kwargs = policy.cast_to_compute(dict(kwargs)) if kwargs else {}
     device_type = _device_type(params_and_buffers, args, kwargs)
     params_and_buffers = _params_for_compute(policy, params_and_buffers)
     with _policy_context(policy, device_type):

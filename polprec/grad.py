@@ -41,11 +41,16 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
     return loss, aux
 
 
-def _distinct_dense(tensors: list[torch.Tensor]) -> bool:
-    """True when ``tensors`` are dense and distinct, so each can be updated in place alone."""
+def _owned_fusable(tensors: list[torch.Tensor]) -> bool:
+    """True when fresh gradients can be unscaled in place with the fused kernel.
+
+    They must be plain dense tensors (no subclass such as DTensor) and distinct: autograd
+    can hand the same buffer to two inputs (``(a + b).sum()``), which must not be unscaled
+    twice.
+    """
     ptrs = set()
     for t in tensors:
-        if not t.is_contiguous():
+        if type(t) is not torch.Tensor or not t.is_contiguous():
             return False
         ptrs.add(t.data_ptr())
     return len(ptrs) == len(tensors)
@@ -122,7 +127,7 @@ def value_and_grad(
             ]
             loss = loss.detach()
             aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
-            owned = _distinct_dense(dgrads)
+            owned = _owned_fusable(dgrads)
         else:
 
             def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:

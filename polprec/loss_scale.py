@@ -519,19 +519,23 @@ def _can_fuse(leaves: list[torch.Tensor]) -> bool:
 def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
     """Unscale ``leaves`` in place with torch's fused AMP kernel.
 
-    Returns ``found_inf``: a 1-element float32 tensor, 0 when every element was finite.
+    Returns ``found_inf``: a 0-dim float32 tensor, 0 when every element was finite.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for x in leaves:
-        groups.setdefault((x.device, x.dtype), []).append(x)
+    first = leaves[0]
+    if all(x.dtype == first.dtype and x.device == first.device for x in leaves):
+        groups = {(first.device, first.dtype): leaves}  # the common case: one group
+    else:
+        groups = {}
+        for x in leaves:
+            groups.setdefault((x.device, x.dtype), []).append(x)
     found = []
     for (device, _), group in groups.items():
-        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
         found.append(found_inf)
     if len(found) == 1:
         return found[0]
-    return torch.stack([f.to(found[0].device) for f in found]).sum().reshape(1)
+    return torch.stack([f.to(found[0].device) for f in found]).sum()
 
 
 def unscale_and_check(
@@ -578,8 +582,8 @@ def _unscale_and_check(
 ) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
     """:func:`unscale_and_check`, plus the fused kernel's ``found_inf`` when it ran.
 
-    ``owned=True`` lets the eager path unscale ``grads`` in place (for gradients the caller
-    has just created and nobody else holds).
+    ``owned=True`` unscales ``grads`` in place with the fused kernel: only for eager, fresh,
+    dense, distinct gradients that the caller has just created and nobody else holds.
     """
     _check_loss_scale(loss_scale)
     leaves, spec = _tree.tree_flatten(grads)
@@ -591,13 +595,13 @@ def _unscale_and_check(
         return grads, torch.tensor(True), None
     inv = torch.reciprocal(loss_scale.loss_scale)
     found_inf = None
-    if _can_fuse(floats):
+    if owned or _can_fuse(floats):  # owned: fresh eager gradients (value_and_grad checked)
         if not owned:
             products = torch._foreach_mul(floats, inv)
             floats = [_keep_dtype(y, x.dtype) for x, y in zip(floats, products, strict=True)]
             inv = torch.ones((), dtype=torch.float32)
         found_inf = _fused_unscale_(floats, inv)
-        finite = (found_inf == 0).view(())
+        finite = found_inf == 0
     else:
         finite = all_finite(floats)
         floats = [_mul(x, inv) for x in floats]

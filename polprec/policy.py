@@ -287,6 +287,8 @@ def get_policy(spec: Policy | int | str | None = None) -> Policy:
         >>> get_policy(16) == get_policy("16-mixed")
         True
     """
+    if isinstance(spec, Policy):  # the common case on every call of apply_with_policy
+        return spec
     env = os.environ.get(ENV_VAR)
     if spec is None:
         if env is None or not env.strip():
@@ -296,7 +298,7 @@ def get_policy(spec: Policy | int | str | None = None) -> Policy:
         except ValueError as err:
             raise ValueError(f"environment variable {ENV_VAR}={env!r} is invalid: {err}") from None
     policy = _parse(spec)
-    if env and os.environ.get(CLI_ENV_VAR) == "1" and not isinstance(spec, Policy):
+    if env and os.environ.get(CLI_ENV_VAR) == "1":
         cli_policy = _parse(env)
         if cli_policy != policy:
             raise ValueError(
