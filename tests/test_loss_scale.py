@@ -579,3 +579,100 @@ def test_grad_scaler_conversion_hint_only_for_empty_dicts() -> None:
         pp.DynamicLossScale.from_grad_scaler_state_dict({"scale": 2.0})
     assert "disabled" not in str(info.value)
     assert "'growth_factor'" in str(info.value)
+
+
+def test_grad_scaler_conversion_reads_every_field() -> None:
+    sd = {
+        "scale": torch.tensor(512.0),  # GradScaler may hold its scale as a tensor
+        "growth_factor": 4.0,
+        "backoff_factor": 0.25,
+        "growth_interval": 9,
+        "_growth_tracker": 5,
+    }
+    state = pp.DynamicLossScale.from_grad_scaler_state_dict(sd, max_loss_scale=2.0**20)
+    assert float(state.loss_scale) == 512.0
+    assert int(state.counter) == 5
+    assert state.max_loss_scale == 2.0**20
+    back = state.to_grad_scaler_state_dict()
+    assert back == {
+        "scale": 512.0,
+        "growth_factor": 4.0,
+        "backoff_factor": 0.25,
+        "growth_interval": 9,
+        "_growth_tracker": 5,
+    }
+
+
+def test_grad_scaler_conversion_tolerates_float32_rounded_backoff() -> None:
+    sd = {
+        "scale": 8.0,
+        "growth_factor": 3.0,
+        "backoff_factor": float(torch.tensor(1 / 3)),
+        "growth_interval": 2,
+        "_growth_tracker": 0,
+    }
+    assert pp.DynamicLossScale.from_grad_scaler_state_dict(sd).factor == 3.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("growth_factor", "2", "growth_factor must be a Python number, got '2' of type str"),
+        ("backoff_factor", -0.5, "backoff_factor must be a finite number > 0"),
+    ],
+)
+def test_grad_scaler_conversion_names_the_bad_field(key: str, value: Any, fragment: str) -> None:
+    sd = {
+        "scale": 8.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2,
+        "_growth_tracker": 0,
+    }
+    sd[key] = value
+    with pytest.raises((TypeError, ValueError)) as info:
+        pp.DynamicLossScale.from_grad_scaler_state_dict(sd)
+    assert fragment in str(info.value)
+
+
+def test_from_state_dict_names_unknown_keys() -> None:
+    sd = pp.StaticLossScale(4.0).state_dict() | {"bogus": 1}
+    with pytest.raises(
+        ValueError, match=r"unknown keys \['bogus'\]; expected keys \['loss_scale', 'type'\]"
+    ):
+        pp.StaticLossScale.from_state_dict(sd)
+    with pytest.raises(TypeError, match="got list; pass the output of state_dict()"):
+        pp.StaticLossScale.from_state_dict([])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("flag", "fragment"),
+    [
+        (
+            "yes",
+            "grads_finite must be a 0-dim torch.bool tensor (as returned by unscale_and_check or all_finite) or a bool, got 'yes' of type str",
+        ),
+        (
+            torch.ones(2, dtype=torch.bool),
+            "grads_finite must be a 0-dim torch.bool tensor, got dtype torch.bool with shape (2,)",
+        ),
+    ],
+)
+def test_adjust_error_messages(flag: Any, fragment: str) -> None:
+    with pytest.raises((TypeError, ValueError)) as info:
+        pp.DynamicLossScale().adjust(flag)
+    assert fragment in str(info.value)
+
+
+def test_static_loss_scale_error_names_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"^loss_scale must be a finite number > 0, got -1\.0$"):
+        pp.StaticLossScale(-1.0)
+
+
+def test_dynamic_scale_and_unscale() -> None:
+    state = pp.DynamicLossScale(8.0)
+    tree = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([2])}
+    scaled = state.scale(tree)
+    assert scaled["w"].tolist() == [8.0, 24.0]
+    assert scaled["n"] is tree["n"]
+    assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]

@@ -300,3 +300,35 @@ def test_stack_trees_errors(trees: Any, exc: type[Exception], fragment: str) -> 
     with pytest.raises(exc) as info:
         pp.stack_trees(trees)
     assert fragment in str(info.value)
+
+
+def test_select_tree_error_messages_name_types_and_paths() -> None:
+    with pytest.raises(
+        TypeError, match="got True of type bool; a Python bool would need a host synchronisation"
+    ):
+        pp.select_tree(True, [torch.ones(1)], [torch.ones(1)])  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^select_tree needs on_true and on_false of the same structure"
+    ):
+        pp.select_tree(torch.tensor(True), [torch.ones(1)], (torch.ones(1),))
+    with pytest.raises(
+        ValueError, match=r"leaf a\[0\] is a tensor on one side only \(Tensor vs float\)"
+    ):
+        pp.select_tree(torch.tensor(True), {"a": [torch.ones(1)]}, {"a": [1.0]})
+    with pytest.raises(ValueError, match=r"leaf x is a tensor on one side only \(int vs Tensor\)"):
+        pp.select_tree(torch.tensor(True), {"x": 1}, {"x": torch.ones(1)})
+
+
+def test_select_tree_keeps_identical_objects_that_compare_unequal() -> None:
+    nan = float("nan")  # nan != nan, but it is the same object on both sides
+    out = pp.select_tree(
+        torch.tensor(True), {"v": nan, "w": torch.ones(1)}, {"v": nan, "w": torch.zeros(1)}
+    )
+    assert out["v"] is nan
+
+
+def test_stack_trees_message_lists_leaf_types() -> None:
+    with pytest.raises(ValueError, match=r"\['Tensor', 'float'\]"):
+        pp.stack_trees([{"w": torch.ones(1)}, {"w": 1.0}])
+    nan = float("nan")
+    assert pp.stack_trees([{"v": nan}, {"v": nan}])["v"] is nan
