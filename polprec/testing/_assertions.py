@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from polprec import _tree
-from polprec.policy import Policy, get_policy, parse_dtype
+from polprec.policy import _DTYPE_NAMES, Policy, get_policy, parse_dtype
 
 __all__ = [
     "assert_matches_full_precision",
@@ -160,7 +160,8 @@ def assert_trees_all_equal_dtypes(actual: Any, expected: Any) -> None:
     """Assert leafwise dtypes: ``expected`` is a tree of the same structure or one dtype.
 
     With a single dtype (or dtype name), every floating tensor leaf of ``actual`` must have
-    it; non-floating leaves are not checked.
+    it; non-floating leaves are not checked. Any other string is compared as a (one-leaf)
+    tree.
 
     Examples:
         >>> import torch
@@ -170,7 +171,9 @@ def assert_trees_all_equal_dtypes(actual: Any, expected: Any) -> None:
         ...
         AssertionError: leaf [0]: dtype float32, expected float16
     """
-    if isinstance(expected, torch.dtype | str):
+    if isinstance(expected, torch.dtype) or (
+        isinstance(expected, str) and expected.strip().lower() in _DTYPE_NAMES
+    ):
         want = parse_dtype(expected)
         paths, leaves, _ = _tree.tree_flatten_with_path(actual)
         for p, x in zip(paths, leaves, strict=True):
