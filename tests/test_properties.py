@@ -293,3 +293,35 @@ def test_assert_trees_all_close_catches_a_perturbation(x: torch.Tensor, bump: fl
     assume(not torch.equal(x, y))
     with pytest.raises(AssertionError, match="leaf x"):
         assert_trees_all_close({"x": y}, {"x": x})
+
+
+@given(pst.tensor_trees(mixed=False), st.integers(1, 3))
+def test_stack_trees_then_indexing_gives_each_tree_back(tree: Any, n: int) -> None:
+    trees = [
+        _tree.tree_map(lambda x, k=k: x + k if x.is_floating_point() else x, tree) for k in range(n)
+    ]
+    stacked = pp.stack_trees(trees)
+    for k, original in enumerate(trees):
+        assert_trees_all_close(
+            _tree.tree_map(lambda x, k=k: x[k], stacked), original, rtol=0, atol=0
+        )
+
+
+@given(pst.tensor_trees(mixed=False), pst.policies())
+def test_full_precision_decorator_sees_float32(tree: Any, policy: pp.Policy) -> None:
+    seen: list[torch.dtype] = []
+
+    @pp.full_precision()
+    def inner(t: Any) -> Any:
+        seen.extend(x.dtype for x in _tree.tree_leaves(t))
+        return t
+
+    with pp.autocast(policy, "cpu"):
+        out = inner(policy.cast_to_compute(tree))
+    assert set(seen) <= {torch.float32}
+    assert_trees_all_equal_dtypes(out, torch.float32)
+
+
+@given(st.sampled_from(["cpu", "meta", torch.device("cpu"), None]))
+def test_half_dtype_is_a_16_bit_float(device: Any) -> None:
+    assert pp.half_dtype(device) in (torch.float16, torch.bfloat16)
