@@ -9,7 +9,9 @@ Two models: an MLP (small ops: per-call overhead dominates) and a 2-block transf
 * ``polprec compiled``: the same step under ``torch.compile(fullgraph=True)``,
 
 all measured interleaved in one process, and the ratios to ``torch.amp``. Both mixed steps use
-dynamic loss scaling (GradScaler / DynamicLossScale). Run:
+dynamic loss scaling (GradScaler / DynamicLossScale). ``--precision 32-true`` compares the same
+steps in float32 (autocast off), which isolates per-step overhead and what compilation buys on
+hardware without fast 16-bit matmuls. Run:
 ``python benchmarks/bench_step.py [--precision 16-mixed] [--no-compile]``.
 """
 
@@ -70,7 +72,9 @@ def steps(
 
     def amp_step() -> None:
         opts["amp"].zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=policy.compute_dtype):
+        # For a float32 policy the same step with autocast off (the GradScaler stays on).
+        half = policy.compute_dtype if policy.is_mixed else torch.bfloat16
+        with torch.autocast("cpu", dtype=half, enabled=policy.is_mixed):
             loss = loss_f(ref["amp"](x), y)
         scaler.scale(loss).backward()
         scaler.step(opts["amp"])
@@ -84,7 +88,7 @@ def steps(
 
     def pp_step(params: Any, state: pp.DynamicLossScale) -> tuple[Any, pp.DynamicLossScale]:
         _, grads, finite, state = step_grad(params, x, y, loss_scale=state)
-        new = {k: p - LR * grads[k] for k, p in params.items()}
+        new = {k: torch.add(p, grads[k], alpha=-LR) for k, p in params.items()}
         return pp.select_tree(finite, new, params), state
 
     box: dict[str, Any] = {
@@ -118,7 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steadier on shared machines)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = []
     for model_name in args.models:
         for spec in args.precision:
