@@ -44,7 +44,8 @@ class PolicyRules:
     """A default :class:`Policy` with exceptions per module class and per path (islands).
 
     Keys are ``nn.Module`` subclasses (``nn.BatchNorm2d``: every instance, subclasses
-    included) or glob patterns over dotted paths (``"head.*"``, ``"*.norm*"``). A module's
+    included) or glob patterns over dotted paths (``"head.*"``, ``"*.norm*"``); a pattern that
+    matches everything inside a module (``"head.*"``) matches that module too. A module's
     policy is the most specific rule that matches it, else its parent's (a rule covers the
     module's whole subtree), else the default:
 
@@ -135,7 +136,10 @@ class PolicyRules:
         mro = type(module).__mro__ if module is not None else ()
         for key, policy in self.rules:
             if isinstance(key, str):
-                if fnmatch.fnmatchcase(path, key):
+                # "head.*" names head's contents; as a module rule it covers head itself too.
+                if fnmatch.fnmatchcase(path, key) or (
+                    not param and path and fnmatch.fnmatchcase(path + ".", key)
+                ):
                     ranked.append(((3 if param else 2, _literal_chars(key)), key, policy))
             elif key in mro:
                 ranked.append(((1, -mro.index(key)), key, policy))
@@ -272,10 +276,10 @@ class PolicyRules:
                     wrapped.append((sub, _module_forward(sub, policy, device_type, island=True)))
                 elif not policy.is_mixed:
                     wrapped.append((sub, _module_forward(sub, policy, device_type, island=False)))
-        saved = [(sub, sub.__dict__.get("forward")) for sub, _ in wrapped]
+        saved = [(sub, sub.__dict__.get("_call_impl")) for sub, _ in wrapped]
         try:
-            for sub, forward in wrapped:
-                sub.forward = forward
+            for sub, call in wrapped:
+                object.__setattr__(sub, "_call_impl", call)
             with _policy_context(root, device_type):
                 out = torch.func.functional_call(
                     module, params, args, kwargs, strict=strict, tie_weights=tie_weights
@@ -283,9 +287,9 @@ class PolicyRules:
         finally:
             for sub, previous in saved:
                 if previous is None:
-                    sub.__dict__.pop("forward", None)
+                    sub.__dict__.pop("_call_impl", None)
                 else:
-                    sub.forward = previous
+                    object.__setattr__(sub, "_call_impl", previous)
         return root.cast_to_output(out)
 
 
@@ -305,20 +309,22 @@ def _named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 def _module_forward(
     sub: nn.Module, policy: Policy, device_type: str, *, island: bool
 ) -> Callable[..., Any]:
-    """``sub``'s forward with its floating inputs cast to ``policy``'s compute dtype.
+    """``sub``'s call with its floating inputs cast to ``policy``'s compute dtype.
 
     An island (a module whose policy differs from its parent's) also gets autocast set for
     its policy and its floating outputs cast to its output dtype. Other modules under a
     policy without autocast only get the input cast, so that an island's output in another
-    dtype meets the dtype its next consumer computes in.
+    dtype meets the dtype its next consumer computes in. The wrapper replaces the instance's
+    ``_call_impl``, so forward hooks see what the module computes on (the cast inputs, the
+    output before the cast to the output dtype).
     """
-    previous = sub.__dict__.get("forward")
-    unbound = type(sub).forward
+    previous = sub.__dict__.get("_call_impl")
+    unbound: Callable[..., Any] = type(sub)._call_impl
 
     def call(*args: Any, **kwargs: Any) -> Any:
         return previous(*args, **kwargs) if previous is not None else unbound(sub, *args, **kwargs)
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def call_impl(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = policy.cast_to_compute((args, kwargs))
         if not island:
             return call(*args, **kwargs)
@@ -326,4 +332,4 @@ def _module_forward(
             out = call(*args, **kwargs)
         return policy.cast_to_output(out)
 
-    return forward
+    return call_impl

@@ -90,6 +90,27 @@ def test_glob_paths_in_cast_params() -> None:
     assert_trees_all_equal_dtypes(same, params)
 
 
+def test_contents_pattern_covers_the_module_itself() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(3, 3))
+    model.add_module("head", nn.Linear(3, 2))
+    model.add_module("header", nn.Linear(2, 2))
+    rules = pp.PolicyRules(
+        "bf16-true", {"head.*": "32-true", "*.norm*": "64-true"}, on_unmatched="ignore"
+    )
+    plan = rules.resolve(model)
+    assert plan["head"] == pp.get_policy("32-true")  # "head.*" makes head itself an island
+    assert plan["body"] == plan["header"] == plan[""] == pp.get_policy("bf16-true")
+    seen = _hook_dtypes(model, ["body", "head", "header"])
+    params = pp.cast_params(dict(model.named_parameters()), rules, module=model)
+    assert params["head.weight"].dtype == F32 and params["body.weight"].dtype == BF16
+    out = pp.apply_with_policy(model, params, torch.randn(4, 3), policy=rules)
+    assert seen["head"] == [F32, F32]  # the head computes in float32
+    assert seen["body"] == [BF16, BF16] and seen["header"] == [BF16, BF16]
+    assert out.dtype == F32  # bf16-true hands float32 out
+
+
 def test_class_rules_need_the_module_for_cast_params() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     rules = pp.PolicyRules("bf16-true", {nn.LayerNorm: "32-true"})
@@ -115,7 +136,8 @@ def test_layernorm_island_in_a_transformer_block(root: str) -> None:
     x = torch.randn(2, 5, 16)
     out = pp.apply_with_policy(block, params, x, policy=rules)
     assert out.dtype == F32  # the root policy's output dtype
-    assert seen["norm1"][1] == BF16  # the island hands bfloat16 back (its output dtype)
+    assert seen["norm1"] == [F32, F32]  # hooks see the island compute in float32...
+    assert seen["linear1"][0] == BF16  # ...and it hands bfloat16 on (its output dtype)
     assert seen["linear1"][1] == BF16
     # The island's parameters stay float32 and its gradients come back float32.
     grads = grad(lambda p: pp.apply_with_policy(block, p, x, policy=rules).sum())(params)
@@ -175,7 +197,7 @@ def test_islands_under_grad_vmap_and_compile() -> None:
     assert seen["norm1"][-1] == F32
     assert abs(float(loss_c) - float(loss_e)) < 0.05 * abs(float(loss_e))
     assert_trees_all_equal_dtypes(grads_c, grads_e)
-    assert "forward" not in block.norm1.__dict__  # the module is left as it was
+    assert "_call_impl" not in block.norm1.__dict__  # the module is left as it was
 
 
 def test_module_is_restored_after_an_exception() -> None:
@@ -237,11 +259,12 @@ def test_batchnorm_island_matches_float32_on_digits() -> None:
     assert abs(acc_mixed - acc_f32) <= 1.0, (acc_mixed, acc_f32)
     assert buffers["bn1.running_mean"].dtype == F32  # running stats stay float32...
     assert float(buffers["bn1.running_var"].float().std()) > 0  # ...and were updated in place
-    seen = _hook_dtypes(model, ["conv1", "bn1", "head"])
+    seen = _hook_dtypes(model, ["conv1", "bn1", "conv2", "head"])
     params = pp.cast_params(dict(model.named_parameters()), rules, module=model)
     pp.apply_with_policy(model, {**params, **buffers}, torch.randn(2, 1, 8, 8), policy=rules)
     assert seen["conv1"] == [BF16, BF16]
-    assert seen["bn1"] == [BF16, BF16]  # float32 inside, bfloat16 out (the island's output)
+    assert seen["bn1"] == [F32, F32]  # the island computes in float32 (hooks see inside)
+    assert seen["conv2"][0] == BF16  # and hands bfloat16 on
     assert seen["head"] == [BF16, BF16]
 
 
