@@ -215,7 +215,11 @@ def _parse_grammar(text: str, original: object) -> Policy:
         key, sep, value = part.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise ValueError(f"cannot parse precision {original!r}: part {part!r} is not key=value")
+            raise ValueError(
+                f"cannot parse precision {original!r}: part {part!r} is not key=value; write "
+                "comma-separated pairs such as 'p=f32,c=bf16' with keys params|p, compute|c, "
+                "output|o"
+            )
         if key not in _GRAMMAR_KEYS:
             raise ValueError(
                 f"cannot parse precision {original!r}: unknown key {key!r}; accepted keys are "

@@ -676,3 +676,136 @@ def test_dynamic_scale_and_unscale() -> None:
     assert scaled["w"].tolist() == [8.0, 24.0]
     assert scaled["n"] is tree["n"]
     assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "fragments"),
+    [
+        ({"factor": 1.0}, ValueError, ["factor must be > 1", "1.0"]),
+        ({"factor": "2"}, TypeError, ["factor must be", "'2'", "of type str"]),
+        ({"factor": math.inf}, ValueError, ["factor must be a finite number > 0", "inf"]),
+        ({"min_loss_scale": -1.0}, ValueError, ["min_loss_scale must be", ">= 0", "-1.0"]),
+        ({"min_loss_scale": math.nan}, ValueError, ["min_loss_scale must be", "nan"]),
+        ({"max_loss_scale": 0.0}, ValueError, ["max_loss_scale must be", "> 0", "0.0"]),
+        ({"max_loss_scale": "big"}, TypeError, ["max_loss_scale must be", "'big'"]),
+        ({"max_loss_scale": 0.5}, ValueError, ["max_loss_scale (0.5) must be >= min_loss_scale"]),
+        ({"period": 0}, ValueError, ["period must be an int >= 1", "0"]),
+        ({"period": 2.0}, TypeError, ["period must be an int >= 1", "2.0"]),
+        ({"hysteresis": 0}, ValueError, ["hysteresis must be an int >= 1"]),
+        ({"loss_scale": 0.0}, ValueError, ["loss_scale must be a finite number > 0", "0.0"]),
+        ({"loss_scale": torch.ones(2)}, ValueError, ["loss_scale must be a 0-dim tensor", "(2,)"]),
+        ({"loss_scale": torch.tensor(True)}, TypeError, ["loss_scale must be a real number"]),
+        ({"counter": -1}, ValueError, ["counter must be >= 0", "-1"]),
+        ({"counter": 1.5}, TypeError, ["counter must be an int", "1.5", "of type float"]),
+        ({"counter": torch.tensor(1.0)}, TypeError, ["counter must be an integer tensor"]),
+        ({"hysteresis_tracker": -2}, ValueError, ["hysteresis_tracker must be >= 0", "-2"]),
+        (
+            {"hysteresis_tracker": torch.zeros(3, dtype=torch.int32)},
+            ValueError,
+            ["hysteresis_tracker must be a 0-dim tensor"],
+        ),
+    ],
+)
+def test_dynamic_configuration_errors_name_the_argument(
+    kwargs: dict[str, Any], exc: type[Exception], fragments: list[str]
+) -> None:
+    with pytest.raises(exc) as info:
+        pp.DynamicLossScale(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_dynamic_defaults_follow_jmp_and_bounds_may_meet() -> None:
+    state = pp.DynamicLossScale()
+    assert (state.period, state.factor, state.min_loss_scale) == (2000, 2.0, 1.0)
+    assert float(state.loss_scale) == 2.0**15 and state.max_loss_scale is None
+    assert int(state.counter) == 0 and int(state.hysteresis_tracker) == state.hysteresis == 1
+    pinned = pp.DynamicLossScale(4.0, period=1, min_loss_scale=4.0, max_loss_scale=4.0)
+    for finite in (True, False, True):
+        pinned = pinned.adjust(torch.tensor(finite))
+        assert float(pinned.loss_scale) == 4.0  # min == max: a fixed scale
+    tracked = pp.DynamicLossScale(hysteresis=3, hysteresis_tracker=1)
+    assert int(tracked.hysteresis_tracker) == 1  # an explicit tracker wins over the default
+    assert tracked.counter.dtype == tracked.hysteresis_tracker.dtype == torch.int32
+
+
+def test_loss_scale_type_errors_suggest_static() -> None:
+    with pytest.raises(TypeError) as info:
+        pp.scale_loss(torch.tensor(1.0), 1024.0)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "1024.0 of type float" in message and "use StaticLossScale(value)" in message
+    with pytest.raises(TypeError, match="of type int"):
+        pp.scale_loss(3, pp.StaticLossScale(2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="process_group must be"):
+        pp.unscale_and_check({"w": torch.ones(2)}, pp.StaticLossScale(2), process_group="world")
+
+
+def test_grad_scaler_conversion_messages() -> None:
+    with pytest.raises(ValueError, match="GradScaler state dict") as empty:
+        pp.DynamicLossScale.from_grad_scaler_state_dict({})
+    assert "missing keys" in str(empty.value)
+    assert str(empty.value).count(" (a disabled GradScaler saves an empty dict);") == 1
+    partial = torch.amp.GradScaler("cpu").state_dict()
+    del partial["scale"]
+    with pytest.raises(ValueError, match="GradScaler state dict") as missing:
+        pp.DynamicLossScale.from_grad_scaler_state_dict(partial)
+    assert "['scale']" in str(missing.value) and "disabled" not in str(missing.value)
+    assert "missing keys ['scale']; expected" in str(missing.value)
+    odd = torch.amp.GradScaler("cpu", growth_factor=4.0, backoff_factor=0.5).state_dict()
+    with pytest.raises(ValueError, match="backoff_factor") as mismatch:
+        pp.DynamicLossScale.from_grad_scaler_state_dict(odd)
+    message = str(mismatch.value)
+    assert "backoff_factor 0.5 is not 1/growth_factor (0.25)" in message
+    assert "DynamicLossScale grows and backs off by the same factor" in message
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    kernel = torch._amp_foreach_non_finite_check_and_unscale_
+
+    def spy(*args: Any) -> Any:
+        calls.append(len(args[0]))
+        return kernel(*args)
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", spy)
+    return calls
+
+
+def test_eager_unscale_runs_the_fused_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(monkeypatch)
+    grads = {
+        "a": torch.full((3,), 8.0),
+        "b": torch.full((2,), 4.0),
+        "n": None,
+        "i": torch.ones(2, dtype=torch.int64),
+    }
+    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
+    assert calls == [2]  # one fused call over the two floating leaves
+    assert bool(finite) and out["a"].tolist() == [2.0] * 3 and out["i"] is grads["i"]
+    params = torch.nn.Parameter(torch.full((2,), 4.0))
+    with torch.no_grad():
+        pp.unscale_and_check([params], pp.StaticLossScale(2.0))
+    assert calls == [2, 1]  # Parameters too, where no graph is being built
+
+
+def test_unscale_is_differentiable_and_avoids_the_fused_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _counting(monkeypatch)
+    g = torch.full((3,), 8.0, requires_grad=True)
+    (out,), finite = pp.unscale_and_check([g], pp.StaticLossScale(4.0))
+    assert calls == [] and bool(finite)
+    out.sum().backward()
+    assert g.grad is not None and g.grad.tolist() == [0.25] * 3  # d(g / 4)/dg
+    p = torch.nn.Parameter(torch.ones(2))
+    (q,), _ = pp.unscale_and_check([p], pp.StaticLossScale(2.0))
+    assert calls == [] and q.requires_grad  # a Parameter that requires grad: graph kept
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub = torch.ones(2).as_subclass(Sub)
+    (s,), finite = pp.unscale_and_check([sub], pp.StaticLossScale(2.0))
+    assert calls == [] and s.tolist() == [0.5, 0.5] and bool(finite)  # subclasses: plain ops
+    vmapped = torch.func.vmap(lambda x: pp.unscale_and_check(x, pp.StaticLossScale(2.0))[0])
+    assert vmapped(torch.ones(4, 2)).tolist() == [[0.5, 0.5]] * 4 and calls == []

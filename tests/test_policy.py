@@ -254,3 +254,63 @@ def test_half_dtype_on_rocm(
     monkeypatch.setattr(torch.version, "hip", "6.0")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported)
     assert pp.half_dtype("cuda") is expected
+
+
+def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What `polprec run --precision bf16-mixed` sets for the script it runs (Fabric's rule).
+    monkeypatch.setenv("POLPREC_PRECISION", "bf16-mixed")
+    monkeypatch.setenv("POLPREC_PRECISION_FROM_CLI", "1")
+    assert pp.get_policy() == pp.get_policy("bf16-mixed")  # no argument: follow the CLI
+    assert pp.get_policy("p=f32,c=bf16,o=f32") == pp.get_policy("bf16-mixed")  # same policy
+    with pytest.raises(ValueError, match="conflicts with") as info:
+        pp.get_policy("32-true")
+    message = str(info.value)
+    assert "'32-true'" in message and "--precision='bf16-mixed'" in message  # names both
+    assert "call get_policy() without an argument" in message
+    monkeypatch.setenv("POLPREC_PRECISION_FROM_CLI", "0")  # only "1" marks the CLI
+    assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
+
+
+@pytest.mark.parametrize("spec", ["p=,c=f32", "=f32", "p=f32,=bf16", "c=bf16,o="])
+def test_grammar_needs_a_key_and_a_value(spec: str) -> None:
+    with pytest.raises(ValueError, match="key=value") as info:
+        pp.get_policy(spec)
+    assert "params|p, compute|c, output|o" in str(info.value)
+    assert repr(spec) in str(info.value)
+
+
+def test_grammar_splits_at_the_first_equals_sign() -> None:
+    with pytest.raises(ValueError, match="unknown dtype name '=f32'"):
+        pp.get_policy("p==f32")
+
+
+def test_parse_dtype_accepts_torch_prefixed_names_and_lists_accepted_ones() -> None:
+    assert pp.parse_dtype("torch.float16") is F16
+    assert pp.parse_dtype(" Torch.BFloat16 ") is BF16
+    with pytest.raises(ValueError, match="unknown dtype name") as info:
+        pp.parse_dtype("torch.int8")
+    assert "'torch.int8'" in str(info.value)
+    assert "accepted names are bf16, bfloat16," in str(info.value)
+    with pytest.raises(TypeError) as type_info:
+        pp.parse_dtype([1])  # type: ignore[arg-type]
+    message = str(type_info.value)
+    assert "of type list" in message
+    assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in message
+    with pytest.raises(ValueError, match="int64") as int_info:
+        pp.parse_dtype(torch.int64)
+    assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in str(int_info.value)
+
+
+def test_float8_specs_say_they_are_unsupported() -> None:
+    with pytest.raises(ValueError, match="transformer-engine") as info:
+        pp.get_policy("transformer-engine")
+    assert info.value.args[0].count("float8 / Transformer Engine precisions are not supported") == 1
+    with pytest.raises(ValueError, match="17-mixed") as plain:
+        pp.get_policy("17-mixed")
+    assert "Transformer Engine" not in str(plain.value)
+    assert "None" not in str(plain.value)  # no stray hint text
+
+
+def test_half_dtype_names_the_bad_type() -> None:
+    with pytest.raises(TypeError, match="of type float"):
+        pp.half_dtype(1.5)  # type: ignore[arg-type]

@@ -332,3 +332,56 @@ def test_stack_trees_message_lists_leaf_types() -> None:
         pp.stack_trees([{"w": torch.ones(1)}, {"w": 1.0}])
     nan = float("nan")
     assert pp.stack_trees([{"v": nan}, {"v": nan}])["v"] is nan
+
+
+def test_tree_helpers_keep_none_as_structure_not_leaf() -> None:
+    t = torch.ones(2)
+    tree = {"a": None, "b": t, "c": [None, t]}
+    assert _tree.tree_leaves(tree) == [t, t]
+    leaves, spec = _tree.tree_flatten(tree)
+    assert len(leaves) == 2 and _tree.tree_unflatten(spec, leaves)["a"] is None
+    assert _tree.tree_structure(tree).num_leaves == 2
+    paths = [p for p, _ in zip(*_tree.tree_flatten_with_path(tree)[:2], strict=True)]
+    assert paths == [("b",), ("c", 1)]
+    seen: list[Any] = []
+    out = _tree.tree_map(lambda x: seen.append(x) or x, tree)
+    assert all(x is t for x in seen) and len(seen) == 2  # fn never sees None
+    assert out["a"] is None and out["c"][0] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ((), "<root>"),
+        (("layer", 0, "weight"), "layer[0].weight"),
+        ((0, "w"), "[0].w"),
+        (("a b", 1), "['a b'][1]"),
+        (("x", "1st", "y"), "x['1st'].y"),
+        (("enc", "blocks", 2, "norm"), "enc.blocks[2].norm"),
+    ],
+)
+def test_path_str(path: tuple[Any, ...], expected: str) -> None:
+    assert _tree.path_str(path) == expected
+
+
+class _Box:
+    def __init__(self, value: torch.Tensor, tag: str) -> None:
+        self.value, self.tag = value, tag
+
+
+def test_register_node_makes_a_class_a_torch_and_polprec_pytree() -> None:
+    import torch.utils._pytree as torch_pytree
+
+    _tree.register_node(_Box, lambda b: ([b.value], b.tag), lambda ch, tag: _Box(ch[0], tag))
+    box = _Box(torch.ones(3), "w")
+    leaves, spec = _tree.tree_flatten({"box": box})
+    assert len(leaves) == 1 and leaves[0] is box.value
+    back = _tree.tree_unflatten(spec, [torch.zeros(3)])["box"]
+    assert isinstance(back, _Box) and back.tag == "w" and back.value.sum() == 0
+    t_leaves, t_spec = torch_pytree.tree_flatten(box)  # seen by torch.func / torch.compile
+    assert t_leaves == [box.value]
+    assert torch_pytree.tree_unflatten([torch.full((3,), 2.0)], t_spec).value[0] == 2
+    name = torch_pytree.SUPPORTED_SERIALIZED_TYPES[_Box].serialized_type_name
+    assert name == f"{_Box.__module__}._Box"  # a stable name for treespec_dumps
+    cast = pp.cast_tree(box, torch.float16)  # polprec's own functions walk it too
+    assert isinstance(cast, _Box) and cast.value.dtype == torch.float16 and cast.tag == "w"
