@@ -364,13 +364,12 @@ def test_path_str(path: tuple[Any, ...], expected: str) -> None:
     assert _tree.path_str(path) == expected
 
 
-class _Box:
-    def __init__(self, value: torch.Tensor, tag: str) -> None:
-        self.value, self.tag = value, tag
-
-
 def test_register_node_makes_a_class_a_torch_and_polprec_pytree() -> None:
     import torch.utils._pytree as torch_pytree
+
+    class _Box:  # a fresh class per run: a class can be registered only once
+        def __init__(self, value: torch.Tensor, tag: str) -> None:
+            self.value, self.tag = value, tag
 
     _tree.register_node(_Box, lambda b: ([b.value], b.tag), lambda ch, tag: _Box(ch[0], tag))
     box = _Box(torch.ones(3), "w")
@@ -382,6 +381,6 @@ def test_register_node_makes_a_class_a_torch_and_polprec_pytree() -> None:
     assert t_leaves == [box.value]
     assert torch_pytree.tree_unflatten([torch.full((3,), 2.0)], t_spec).value[0] == 2
     name = torch_pytree.SUPPORTED_SERIALIZED_TYPES[_Box].serialized_type_name
-    assert name == f"{_Box.__module__}._Box"  # a stable name for treespec_dumps
+    assert name == f"{_Box.__module__}.{_Box.__qualname__}"  # a stable name for treespec_dumps
     cast = pp.cast_tree(box, torch.float16)  # polprec's own functions walk it too
     assert isinstance(cast, _Box) and cast.value.dtype == torch.float16 and cast.tag == "w"
