@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,12 @@ settings.register_profile(
     suppress_health_check=list(HealthCheck),
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+if "mutmut" in sys.modules:
+    # mutmut forks its workers from this process: a forked child that enters an OpenMP
+    # parallel region the parent already started hangs, and the mutant is miscounted as a
+    # timeout. One intra-op thread means no OpenMP pool to inherit.
+    torch.set_num_threads(1)
 
 torch.manual_seed(0)
 

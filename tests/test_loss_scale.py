@@ -756,7 +756,7 @@ def test_grad_scaler_conversion_messages() -> None:
         pp.DynamicLossScale.from_grad_scaler_state_dict(odd)
     message = str(mismatch.value)
     assert "backoff_factor 0.5 is not 1/growth_factor (0.25)" in message
-    assert "DynamicLossScale grows and backs off by the same factor" in message
+    assert message.endswith("(0.25); DynamicLossScale grows and backs off by the same factor")
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -809,3 +809,26 @@ def test_unscale_is_differentiable_and_avoids_the_fused_kernel(
     assert calls == [] and s.tolist() == [0.5, 0.5] and bool(finite)  # subclasses: plain ops
     vmapped = torch.func.vmap(lambda x: pp.unscale_and_check(x, pp.StaticLossScale(2.0))[0])
     assert vmapped(torch.ones(4, 2)).tolist() == [[0.5, 0.5]] * 4 and calls == []
+
+
+def test_subclasses_of_loss_scales_are_pytrees_too() -> None:
+    class Tagged(pp.StaticLossScale):  # registered when defined (fresh class per run)
+        pass
+
+    state = Tagged(8.0)
+    leaves, spec = _tree.tree_flatten(state)
+    assert len(leaves) == 1 and float(leaves[0]) == 8.0
+    back = _tree.tree_unflatten(spec, [torch.tensor(2.0)])
+    assert type(back) is Tagged and float(back.loss_scale) == 2.0
+    stacked = pp.stack_trees([Tagged(2.0), Tagged(4.0)])
+    scaled = torch.func.vmap(lambda s: pp.scale_loss(torch.tensor(1.0), s))(stacked)
+    assert scaled.tolist() == [2.0, 4.0]
+
+
+def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
+    state = pp.DynamicLossScale(8.0, 3, period=5, hysteresis=2)
+    moved = state.to("meta")  # a device without data: shows the move without a GPU
+    assert {t.device.type for t in _tree.tree_leaves(moved)} == {"meta"}
+    assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
+    assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
+    assert state.loss_scale.device.type == "cpu"  # the original is untouched

@@ -266,7 +266,9 @@ def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.Monke
         pp.get_policy("32-true")
     message = str(info.value)
     assert "'32-true'" in message and "--precision='bf16-mixed'" in message  # names both
-    assert "call get_policy() without an argument" in message
+    assert message.endswith(
+        "; remove one of them, or call get_policy() without an argument to follow the command line"
+    )
     monkeypatch.setenv("POLPREC_PRECISION_FROM_CLI", "0")  # only "1" marks the CLI
     assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
 
@@ -304,11 +306,16 @@ def test_parse_dtype_accepts_torch_prefixed_names_and_lists_accepted_ones() -> N
 def test_float8_specs_say_they_are_unsupported() -> None:
     with pytest.raises(ValueError, match="transformer-engine") as info:
         pp.get_policy("transformer-engine")
-    assert info.value.args[0].count("float8 / Transformer Engine precisions are not supported") == 1
+    hint = " (float8 / Transformer Engine precisions are not supported by polprec); accepted:"
+    assert f"'transformer-engine'{hint} a Policy;" in str(info.value)
     with pytest.raises(ValueError, match="17-mixed") as plain:
         pp.get_policy("17-mixed")
-    assert "Transformer Engine" not in str(plain.value)
-    assert "None" not in str(plain.value)  # no stray hint text
+    assert "unknown precision '17-mixed'; accepted: a Policy;" in str(plain.value)  # no hint
+    with pytest.raises(ValueError, match="unknown key") as key:
+        pp.get_policy("x=f16")
+    assert str(key.value).endswith(
+        "unknown key 'x'; accepted keys are params|p, compute|c, output|o"
+    )
 
 
 def test_half_dtype_names_the_bad_type() -> None:

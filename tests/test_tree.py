@@ -384,3 +384,12 @@ def test_register_node_makes_a_class_a_torch_and_polprec_pytree() -> None:
     assert name == f"{_Box.__module__}.{_Box.__qualname__}"  # a stable name for treespec_dumps
     cast = pp.cast_tree(box, torch.float16)  # polprec's own functions walk it too
     assert isinstance(cast, _Box) and cast.value.dtype == torch.float16 and cast.tag == "w"
+
+
+def test_tuple_fast_path_keeps_non_floating_tensors() -> None:
+    pair = (torch.ones(2), torch.arange(3))
+    out = pp.cast_tree(pair, torch.float16)
+    assert out[0].dtype == torch.float16 and out[1] is pair[1]
+    mapping = {"w": torch.ones(2), "steps": torch.arange(3)}
+    cast = pp.cast_tree(mapping, torch.bfloat16)
+    assert cast["w"].dtype == torch.bfloat16 and cast["steps"] is mapping["steps"]
