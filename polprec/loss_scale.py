@@ -516,6 +516,14 @@ def _can_fuse(leaves: list[torch.Tensor]) -> bool:
     return all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in leaves)
 
 
+# The dtypes torch's fused check-and-unscale kernel implements, per device type (its CUDA
+# kernel has no bfloat16); other groups take the plain-op path in _fused_unscale_.
+_FUSED_UNSCALE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.float32, torch.float64),
+}
+
+
 def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
     """Unscale ``leaves`` in place with torch's fused AMP kernel.
 
@@ -529,9 +537,14 @@ def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torc
         for x in leaves:
             groups.setdefault((x.device, x.dtype), []).append(x)
     found = []
-    for (device, _), group in groups.items():
-        found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
+    for (device, dtype), group in groups.items():
+        if dtype in _FUSED_UNSCALE_DTYPES.get(device.type, ()):
+            found_inf = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
+        else:  # the same in plain ops, where the kernel lacks this dtype or device type
+            all_finite_ = torch.stack([torch.isfinite(x).all() for x in group]).all()
+            torch._foreach_mul_(group, inv_scale.to(device))
+            found_inf = torch.logical_not(all_finite_).to(torch.float32)
         found.append(found_inf)
     if len(found) == 1:
         return found[0]
@@ -599,7 +612,7 @@ def _unscale_and_check(
         if not owned:
             products = torch._foreach_mul(floats, inv)
             floats = [_keep_dtype(y, x.dtype) for x, y in zip(floats, products, strict=True)]
-            inv = torch.ones((), dtype=torch.float32)
+            inv = torch.ones((), dtype=torch.float32, device=floats[0].device)  # no H2D copy
         found_inf = _fused_unscale_(floats, inv)
         finite = found_inf == 0
     else:

@@ -832,3 +832,25 @@ def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
     assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
     assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
     assert state.loss_scale.device.type == "cpu"  # the original is untouched
+
+
+def test_unscale_where_the_fused_kernel_lacks_the_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on CUDA, whose fused kernel has no bfloat16: those leaves take plain ops.
+    from polprec import loss_scale as ls
+
+    monkeypatch.setitem(ls._FUSED_UNSCALE_DTYPES, "cpu", (torch.float32,))
+    grads = {"b": torch.tensor([8.0, 4.0], dtype=torch.bfloat16), "f": torch.tensor([2.0])}
+    versions = {k: v._version for k, v in grads.items()}
+    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
+    assert bool(finite) and out["b"].dtype == torch.bfloat16
+    assert out["b"].tolist() == [2.0, 1.0] and out["f"].tolist() == [0.5]
+    assert {k: v._version for k, v in grads.items()} == versions  # inputs untouched
+    grads["b"] = torch.tensor([8.0, float("nan")], dtype=torch.bfloat16)
+    _, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
+    assert not bool(finite)
+    step = pp.value_and_grad(lambda p, x: (p["w"].float() * x).sum())
+    w = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    _, g, ok, state = step(w, torch.full((3,), 2.0), loss_scale=pp.DynamicLossScale(8.0))
+    assert bool(ok) and g["w"].tolist() == [2.0] * 3 and float(state.loss_scale) == 8.0
+    _, g, ok, state = step(w, torch.full((3,), math.inf), loss_scale=pp.DynamicLossScale(8.0))
+    assert not bool(ok) and float(state.loss_scale) == 4.0
