@@ -5,6 +5,10 @@ polprec walks trees with optree in the ``"torch"`` namespace, the registry that
 imported (we import it here). The same trees therefore flatten identically for polprec,
 ``torch.func`` and ``torch.compile``. ``None`` is an empty node, as in ``torch.func``: it is
 kept in the structure and never handed to a leaf function. Dict insertion order is kept.
+
+While ``torch.compile`` traces, the same functions walk trees with ``torch.utils._pytree``
+(the same registry), which every torch version's compiler traces natively; the specs they
+return are then torch ``TreeSpec`` objects, which ``tree_unflatten`` accepts too.
 """
 
 from __future__ import annotations
@@ -24,31 +28,48 @@ TreeSpec = optree.PyTreeSpec
 
 def tree_flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     """Leaves (in a fixed order) and the structure of ``tree``."""
+    if torch.compiler.is_compiling():
+        return _torch_pytree.tree_flatten(tree)  # type: ignore[return-value]
     return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
 
 
 def tree_unflatten(spec: TreeSpec, leaves: Sequence[Any]) -> Any:
     """Rebuild a tree of ``spec``'s structure from ``leaves``."""
+    if isinstance(spec, _torch_pytree.TreeSpec):
+        return _torch_pytree.tree_unflatten(list(leaves), spec)
     return optree.tree_unflatten(spec, leaves)
 
 
 def tree_leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree``."""
+    if torch.compiler.is_compiling():
+        return _torch_pytree.tree_leaves(tree)
     return optree.tree_leaves(tree, none_is_leaf=False, namespace=_NAMESPACE)
 
 
 def tree_structure(tree: Any) -> TreeSpec:
     """The structure of ``tree``."""
+    if torch.compiler.is_compiling():
+        return _torch_pytree.tree_structure(tree)  # type: ignore[return-value]
     return optree.tree_structure(tree, none_is_leaf=False, namespace=_NAMESPACE)
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """Apply ``fn`` leafwise over ``tree`` and trees of the same structure."""
+    if torch.compiler.is_compiling():
+        return _torch_pytree.tree_map(fn, tree, *rest)
     return optree.tree_map(fn, tree, *rest, none_is_leaf=False, namespace=_NAMESPACE)
 
 
 def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], TreeSpec]:
-    """Paths (tuples of keys), leaves and structure of ``tree``."""
+    """Paths (tuples of keys), leaves and structure of ``tree``.
+
+    While ``torch.compile`` traces, paths are leaf positions ``(i,)``: they only name leaves
+    in error messages, and not every registered node can give keys.
+    """
+    if torch.compiler.is_compiling():
+        leaves, spec = _torch_pytree.tree_flatten(tree)
+        return [(i,) for i in range(len(leaves))], leaves, spec  # type: ignore[return-value]
     return optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace=_NAMESPACE)
 
 
