@@ -12,7 +12,7 @@ all measured interleaved in one process, and the ratios to ``torch.amp``. Both m
 dynamic loss scaling (GradScaler / DynamicLossScale). ``--precision 32-true`` compares the same
 steps in float32 (autocast off), which isolates per-step overhead and what compilation buys on
 hardware without fast 16-bit matmuls. Run:
-``python benchmarks/bench_step.py [--precision 16-mixed] [--no-compile]``.
+``python benchmarks/bench_step.py [--precision 16-mixed] [--no-compile] [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -54,16 +54,22 @@ def transformer() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def steps(
-    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], spec: str, compile_: bool
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    spec: str,
+    compile_: bool,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     policy = pp.get_policy(spec)
-    x, y = batch
+    model = model.to(device)
+    x, y = (t.to(device) for t in batch)
+    device_type = torch.device(device).type
     loss_f = nn.functional.cross_entropy
 
     # --- the torch.amp baseline and the float32 reference, on their own copies of the model
     ref = {name: _clone(model) for name in ("fp32", "amp")}
     opts = {name: torch.optim.SGD(m.parameters(), lr=LR) for name, m in ref.items()}
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device_type, init_scale=2.0**10)
 
     def fp32_step() -> None:
         opts["fp32"].zero_grad(set_to_none=True)
@@ -74,7 +80,7 @@ def steps(
         opts["amp"].zero_grad(set_to_none=True)
         # For a float32 policy the same step with autocast off (the GradScaler stays on).
         half = policy.compute_dtype if policy.is_mixed else torch.bfloat16
-        with torch.autocast("cpu", dtype=half, enabled=policy.is_mixed):
+        with torch.autocast(device_type, dtype=half, enabled=policy.is_mixed):
             loss = loss_f(ref["amp"](x), y)
         scaler.scale(loss).backward()
         scaler.step(opts["amp"])
@@ -93,7 +99,7 @@ def steps(
 
     box: dict[str, Any] = {
         "params": pp.cast_params({k: v.detach() for k, v in model.named_parameters()}, policy),
-        "state": pp.DynamicLossScale(2.0**10),
+        "state": pp.DynamicLossScale(2.0**10).to(device),
     }
 
     def run_pp(fn: Any, key: str) -> Any:
@@ -107,7 +113,17 @@ def steps(
     candidates = {"fp32": fp32_step, "torch.amp": amp_step, "polprec": run_pp(pp_step, "eager")}
     if compile_:
         candidates["polprec compiled"] = run_pp(torch.compile(pp_step, fullgraph=True), "compiled")
+    if device_type == "cuda":  # time whole steps, not kernel launches
+        return {name: _synced(fn) for name, fn in candidates.items()}
     return candidates
+
+
+def _synced(fn: Any) -> Any:
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+
+    return run
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument(
         "--threads",
         type=int,
@@ -135,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.precision:
             torch.manual_seed(0)
             model, batch = {"mlp": mlp, "transformer": transformer}[model_name]()
-            cands = steps(model, batch, spec, not args.no_compile)
+            cands = steps(model, batch, spec, not args.no_compile, args.device)
             times = measure(cands, repeats=args.repeats, warmup=3)
             amp = times["torch.amp"]
             row = [model_name, spec] + [
@@ -145,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(row, flush=True)
     print(header())
+    if torch.device(args.device).type == "cuda":
+        print(f"device {torch.cuda.get_device_name()}")
     print("median ms per step (ratio to torch.amp)")
     print(
         table(
