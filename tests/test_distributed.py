@@ -198,13 +198,20 @@ def _fsdp_worker(rank: int, digits: Any) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     reduced: list[torch.dtype] = []
-    reduce_scatter = dist.reduce_scatter_single
+    # The collective FSDP2 reduce-scatters gradients with: reduce_scatter_single on newer
+    # torch, reduce_scatter_tensor (output, input, ...) on older ones.
+    name = (
+        "reduce_scatter_single"
+        if hasattr(dist, "reduce_scatter_single")
+        else "reduce_scatter_tensor"
+    )
+    reduce_scatter = getattr(dist, name)
 
     def recording_reduce_scatter(*args: Any, **kwargs: Any) -> Any:
-        reduced.append(kwargs["input"].dtype)
+        reduced.append((kwargs["input"] if "input" in kwargs else args[1]).dtype)
         return reduce_scatter(*args, **kwargs)
 
-    dist.reduce_scatter_single = recording_reduce_scatter  # type: ignore[assignment]
+    setattr(dist, name, recording_reduce_scatter)
     x = digits[0][:16]  # the same batch on both ranks: averaged gradients equal local ones
     out: dict[str, Any] = {}
     for spec in ["bf16-mixed", "16-mixed", "bf16-true"]:
