@@ -8,13 +8,7 @@ from typing import Any
 import torch
 
 from polprec import _tree
-from polprec.loss_scale import (
-    LossScale,
-    _adjust,
-    _check_loss_scale,
-    _unscale_and_check,
-    scale_loss,
-)
+from polprec.loss_scale import LossScale, _check_loss_scale, _unscale_and_check, scale_loss
 
 __all__ = ["value_and_grad"]
 
@@ -138,15 +132,14 @@ def value_and_grad(
             dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
             loss, aux = out if has_aux else (out[0], None)
             owned = False
-        dgrads, finite, found_inf = _unscale_and_check(dgrads, loss_scale, owned=owned)
+        dgrads, finite = _unscale_and_check(dgrads, loss_scale, owned=owned)
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
-            found_inf = None
         grads_full: list[Any] = [None] * len(leaves)
         for i, g in zip(idx, dgrads, strict=True):
             grads_full[i] = g
         grads = _tree.tree_unflatten(spec, grads_full)
-        new_scale = _adjust(loss_scale, finite, found_inf)
+        new_scale = loss_scale.adjust(finite)
         return ((loss, aux) if has_aux else loss), grads, finite, new_scale
 
     return grad_fn

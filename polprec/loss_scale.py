@@ -364,7 +364,7 @@ class DynamicLossScale(_Scales, _Base):
     def adjust(self, grads_finite: torch.Tensor | bool) -> DynamicLossScale:
         """The next state after a step whose gradients were (not) finite."""
         finite = _check_grads_finite(grads_finite)
-        if self._fusable():
+        if self._fusable() and finite.device == self.loss_scale.device:
             return self._adjust_found_inf(torch.logical_not(finite).to(torch.float32))
         scale, counter = self.loss_scale, self.counter
         period_done = counter == self.period - 1
@@ -584,16 +584,16 @@ def unscale_and_check(
         from polprec.distributed import _check_process_group, all_finite_across
 
         _check_process_group(process_group, "process_group")
-        grads, finite, _ = _unscale_and_check(grads, loss_scale, owned=False)
-        return grads, all_finite_across(finite, group=process_group)
-    grads, finite, _ = _unscale_and_check(grads, loss_scale, owned=False)
+    grads, finite = _unscale_and_check(grads, loss_scale, owned=False)
+    if process_group is not None:
+        finite = all_finite_across(finite, group=process_group)
     return grads, finite
 
 
 def _unscale_and_check(
     grads: Any, loss_scale: LossScale, *, owned: bool
-) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-    """:func:`unscale_and_check`, plus the fused kernel's ``found_inf`` when it ran.
+) -> tuple[Any, torch.Tensor]:
+    """:func:`unscale_and_check` without the distributed option.
 
     ``owned=True`` unscales ``grads`` in place with the fused kernel: only for eager, fresh,
     dense, distinct gradients that the caller has just created and nobody else holds.
@@ -603,37 +603,23 @@ def _unscale_and_check(
     idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
     floats = [leaves[i] for i in idx]
     if isinstance(loss_scale, NoOpLossScale):
-        return grads, all_finite(floats), None
+        return grads, all_finite(floats)
     if not floats:
-        return grads, torch.tensor(True), None
+        return grads, torch.tensor(True)
     inv = torch.reciprocal(loss_scale.loss_scale)
-    found_inf = None
     if owned or _can_fuse(floats):  # owned: fresh eager gradients (value_and_grad checked)
         if not owned:
             products = torch._foreach_mul(floats, inv)
             floats = [_keep_dtype(y, x.dtype) for x, y in zip(floats, products, strict=True)]
             inv = torch.ones((), dtype=torch.float32, device=floats[0].device)  # no H2D copy
-        found_inf = _fused_unscale_(floats, inv)
-        finite = found_inf == 0
+        finite = _fused_unscale_(floats, inv) == 0
     else:
         finite = all_finite(floats)
         floats = [_mul(x, inv) for x in floats]
     out = list(leaves)
     for i, x in zip(idx, floats, strict=True):
         out[i] = x
-    return _tree.tree_unflatten(spec, out), finite, found_inf
-
-
-def _adjust(loss_scale: LossScale, finite: torch.Tensor, found_inf: torch.Tensor | None) -> Any:
-    """``loss_scale.adjust(finite)``, from the fused kernel's ``found_inf`` when there is one."""
-    if (
-        found_inf is not None
-        and isinstance(loss_scale, DynamicLossScale)
-        and loss_scale._fusable()
-        and found_inf.device == loss_scale.loss_scale.device
-    ):
-        return loss_scale._adjust_found_inf(found_inf)
-    return loss_scale.adjust(finite)
+    return _tree.tree_unflatten(spec, out), finite
 
 
 def default_loss_scale(policy: Policy | int | str | None = None) -> LossScale:

@@ -273,9 +273,9 @@ class PolicyRules:
                 if not path:
                     continue
                 if policy != plan[path.rpartition(".")[0]]:
-                    wrapped.append((sub, _module_forward(sub, policy, device_type, island=True)))
+                    wrapped.append((sub, _module_call(sub, policy, device_type, island=True)))
                 elif not policy.is_mixed:
-                    wrapped.append((sub, _module_forward(sub, policy, device_type, island=False)))
+                    wrapped.append((sub, _module_call(sub, policy, device_type, island=False)))
         saved = [(sub, sub.__dict__.get("_call_impl")) for sub, _ in wrapped]
         try:
             for sub, call in wrapped:
@@ -306,7 +306,7 @@ def _named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield from module.named_buffers()
 
 
-def _module_forward(
+def _module_call(
     sub: nn.Module, policy: Policy, device_type: str, *, island: bool
 ) -> Callable[..., Any]:
     """``sub``'s call with its floating inputs cast to ``policy``'s compute dtype.
