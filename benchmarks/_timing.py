@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -46,3 +47,16 @@ def table(rows: list[list[str]], head: list[str]) -> str:
     out = [line, "-" * len(line)]
     out += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the shared ``--threads`` option, parse ``argv`` and set torch's thread count."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: steadier on shared machines)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args

@@ -21,7 +21,7 @@ import argparse
 from typing import Any
 
 import torch
-from _timing import header, measure, table
+from _timing import header, measure, parse_args, table
 from torch import nn
 
 import polprec as pp
@@ -139,14 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: steadier on shared machines)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     rows = []
     for model_name in args.models:
         for spec in args.precision:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _timing import header, measure, table
+from _timing import header, measure, parse_args, table
 
 import polprec as pp
 
@@ -70,14 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--leaves", type=int, nargs="+", default=[1, 100, 1000])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: steadier on shared machines)",
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     rows = run(args.leaves, [int(s) for s in args.sizes], args.repeats)
     print(header())
     print(

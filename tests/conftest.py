@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.utils._pytree as torch_pytree
 from hypothesis import HealthCheck, Phase, settings
+from torch import nn
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -114,3 +115,21 @@ def tree_shape(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(params=FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def float_dtype(request: pytest.FixtureRequest) -> torch.dtype:
     return request.param  # type: ignore[no-any-return]
+
+
+class Block(nn.Module):
+    """Linear -> LayerNorm -> GELU -> MultiheadAttention -> Linear, mean-pooled to a scalar."""
+
+    def __init__(self, d_in: int = 8, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.out = nn.Linear(d, 1)
+        self.seen: list[torch.dtype] = []
+        self.inp.register_forward_hook(lambda m, i, o: self.seen.append(o.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.gelu(self.norm(self.inp(x)))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(a + h).squeeze(-1).mean(-1)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Block
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
@@ -18,24 +19,6 @@ from polprec.testing import (
 )
 
 POLICIES = ["bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32-true"]
-
-
-class Block(nn.Module):
-    """Linear -> LayerNorm -> GELU -> MultiheadAttention -> Linear, mean-pooled to a scalar."""
-
-    def __init__(self, d_in: int = 8, d: int = 16) -> None:
-        super().__init__()
-        self.inp = nn.Linear(d_in, d)
-        self.norm = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.out = nn.Linear(d, 1)
-        self.seen: list[torch.dtype] = []
-        self.inp.register_forward_hook(lambda m, i, o: self.seen.append(o.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.gelu(self.norm(self.inp(x)))
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.out(a + h).squeeze(-1).mean(-1)
 
 
 @pytest.fixture

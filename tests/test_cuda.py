@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Block
 from torch import nn
 from torch.func import grad, vmap
 
@@ -24,25 +25,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEV = "cuda"
 
 
-class Block(nn.Module):
-    def __init__(self, d_in: int = 8, d: int = 32) -> None:
-        super().__init__()
-        self.inp = nn.Linear(d_in, d)
-        self.norm = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.out = nn.Linear(d, 1)
-        self.seen: list[torch.dtype] = []
-        self.inp.register_forward_hook(lambda m, i, o: self.seen.append(o.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = nn.functional.gelu(self.norm(self.inp(x)))
-        a, _ = self.attn(h, h, h, need_weights=False)
-        return self.out(a + h).squeeze(-1).mean(-1)
-
-
 def _setup() -> tuple[Block, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = Block().to(DEV)
+    model = Block(d=32).to(DEV)
     params = {k: v.detach() for k, v in model.named_parameters()}
     g = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randn(6, 5, 8, device=DEV, generator=g)
