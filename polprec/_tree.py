@@ -8,7 +8,8 @@ kept in the structure and never handed to a leaf function. Dict insertion order 
 
 While ``torch.compile`` traces, the same functions walk trees with ``torch.utils._pytree``
 (the same registry), which every torch version's compiler traces natively; the specs they
-return are then torch ``TreeSpec`` objects, which ``tree_unflatten`` accepts too.
+return are then torch ``TreeSpec`` objects, which ``tree_unflatten`` accepts too. torch's
+walk hands ``None`` to leaf functions as a leaf, so every leaf function here checks types.
 """
 
 from __future__ import annotations
@@ -64,13 +65,29 @@ def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], TreeSpec]:
     """Paths (tuples of keys), leaves and structure of ``tree``.
 
-    While ``torch.compile`` traces, paths are leaf positions ``(i,)``: they only name leaves
-    in error messages, and not every registered node can give keys.
+    While ``torch.compile`` traces, a tree holding a node registered without keys (torch's
+    ``flatten_with_keys_fn``) is named by leaf positions ``(i,)`` instead.
     """
     if torch.compiler.is_compiling():
-        leaves, spec = _torch_pytree.tree_flatten(tree)
-        return [(i,) for i in range(len(leaves))], leaves, spec  # type: ignore[return-value]
+        try:
+            pairs, spec = _torch_pytree.tree_flatten_with_path(tree)
+        except ValueError:  # a registered node that gives no keys
+            leaves, spec = _torch_pytree.tree_flatten(tree)
+            return [(i,) for i in range(len(leaves))], leaves, spec  # type: ignore[return-value]
+        paths = [tuple(_raw_key(k) for k in path) for path, _ in pairs]
+        return paths, [x for _, x in pairs], spec  # type: ignore[return-value]
     return optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace=_NAMESPACE)
+
+
+def _raw_key(entry: Any) -> Any:
+    """The dict key, index or attribute name inside one of torch's key-path entries."""
+    if isinstance(entry, _torch_pytree.MappingKey):
+        return entry.key
+    if isinstance(entry, _torch_pytree.SequenceKey):
+        return entry.idx
+    if isinstance(entry, _torch_pytree.GetAttrKey):
+        return entry.name
+    return entry
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -99,11 +116,17 @@ def register_node(
     unflatten: Callable[[Any, Any], Any],
 ) -> None:
     """Register ``cls`` with torch's pytree registry (seen by torch.func, torch.compile, optree)."""
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        children, context = flatten(obj)
+        return [(_torch_pytree.SequenceKey(i), c) for i, c in enumerate(children)], context
+
     _torch_pytree.register_pytree_node(
         cls,
         flatten,
         lambda children, context: unflatten(list(children), context),
         serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
     )
 
 

@@ -111,6 +111,19 @@ def test_contents_pattern_covers_the_module_itself() -> None:
     assert out.dtype == F32  # bf16-true hands float32 out
 
 
+def test_rules_name_parameters_the_same_while_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential()
+    model.add_module("block", nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    model.add_module("head", nn.Linear(3, 2))
+    rules = pp.PolicyRules("bf16-true", {"head.*": "32-true", nn.LayerNorm: "64-true"})
+    params = dict(model.named_parameters())
+    eager = pp.cast_params(params, rules, module=model)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what compile traces
+    traced = pp.cast_params(params, rules, module=model)
+    assert {k: v.dtype for k, v in traced.items()} == {k: v.dtype for k, v in eager.items()}
+    assert traced["head.weight"].dtype == F32 and traced["block.1.weight"].dtype == torch.float64
+
+
 def test_class_rules_need_the_module_for_cast_params() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     rules = pp.PolicyRules("bf16-true", {nn.LayerNorm: "32-true"})

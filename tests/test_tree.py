@@ -393,3 +393,31 @@ def test_tuple_fast_path_keeps_non_floating_tensors() -> None:
     mapping = {"w": torch.ones(2), "steps": torch.arange(3)}
     cast = pp.cast_tree(mapping, torch.bfloat16)
     assert cast["w"].dtype == torch.bfloat16 and cast["steps"] is mapping["steps"]
+
+
+def test_tree_walks_while_compiling_match_the_eager_ones(
+    tree_shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What torch.compile traces: the same helpers on torch's own pytree (no inductor needed).
+    # There None is a leaf (never a tensor), so compare the other leaves.
+    import torch.utils._pytree as torch_pytree
+
+    tree = make_tree(tree_shape)
+    eager_leaves, _ = _tree.tree_flatten(tree)
+    eager_paths = _tree.tree_flatten_with_path(tree)[0]
+    eager_cast = pp.cast_tree(tree, torch.float16)
+    twice = _tree.tree_map(lambda a, b: a, tree, tree)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    leaves, spec = _tree.tree_flatten(tree)
+    assert isinstance(spec, torch_pytree.TreeSpec)
+    assert [id(x) for x in leaves if x is not None] == [id(x) for x in eager_leaves]
+    assert _tree.tree_leaves(tree) == leaves
+    assert _tree.tree_structure(tree) == spec
+    paths, path_leaves, path_spec = _tree.tree_flatten_with_path(tree)
+    assert path_spec == spec and [id(x) for x in path_leaves] == [id(x) for x in leaves]
+    if tree_shape in ("dict", "nested", "list", "tuple", "mixed"):  # same keys as eager
+        assert [p for p, x in zip(paths, leaves, strict=True) if x is not None] == eager_paths
+    rebuilt = _tree.tree_unflatten(spec, leaves)
+    assert _tree.tree_structure(rebuilt) == spec
+    assert_trees_all_equal_dtypes(pp.cast_tree(tree, torch.float16), eager_cast)
+    assert_trees_all_close(_tree.tree_map(lambda a, b: a, tree, tree), twice, rtol=0, atol=0)
