@@ -380,6 +380,8 @@ def test_register_node_makes_a_class_a_torch_and_polprec_pytree() -> None:
     t_leaves, t_spec = torch_pytree.tree_flatten(box)  # seen by torch.func / torch.compile
     assert t_leaves == [box.value]
     assert torch_pytree.tree_unflatten([torch.full((3,), 2.0)], t_spec).value[0] == 2
+    keyed, _ = torch_pytree.tree_flatten_with_path({"box": box})  # keys for compiled walks
+    assert keyed == [((torch_pytree.MappingKey("box"), torch_pytree.SequenceKey(0)), box.value)]
     name = torch_pytree.SUPPORTED_SERIALIZED_TYPES[_Box].serialized_type_name
     assert name == f"{_Box.__module__}.{_Box.__qualname__}"  # a stable name for treespec_dumps
     cast = pp.cast_tree(box, torch.float16)  # polprec's own functions walk it too
