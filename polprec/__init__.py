@@ -8,6 +8,7 @@ and ``torch.compile``.
 from __future__ import annotations
 
 from polprec.apply import apply_with_policy, autocast, full_precision
+from polprec.devices import half_dtype
 from polprec.distributed import all_finite_across, to_fsdp_mixed_precision
 from polprec.grad import value_and_grad
 from polprec.loss_scale import (
@@ -15,12 +16,10 @@ from polprec.loss_scale import (
     LossScale,
     NoOpLossScale,
     StaticLossScale,
-    default_loss_scale,
-    scale_loss,
-    unscale_and_check,
 )
-from polprec.policy import Policy, get_policy, half_dtype, parse_dtype
+from polprec.policy import Policy, get_policy, parse_dtype
 from polprec.rules import PolicyRules
+from polprec.scaling import default_loss_scale, scale_loss, unscale_and_check
 from polprec.tree import all_finite, cast_params, cast_tree, select_tree, stack_trees
 
 __version__ = "0.1.0"

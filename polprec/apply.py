@@ -4,38 +4,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from polprec import _tree
-from polprec.policy import Policy, get_policy
-
-if TYPE_CHECKING:
-    from polprec.rules import PolicyRules
+from polprec import _context, _tree
+from polprec._catalogue import HALF_DTYPES
+from polprec._islands import apply_rules
+from polprec.policy import PolicySpec, get_policy
+from polprec.rules import PolicyRules
 
 __all__ = ["apply_with_policy", "autocast", "full_precision"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _device_type(*trees: Any) -> str:
-    """The device type of the first tensor in ``trees`` (torch's default device if none)."""
-    for tree in trees:
-        if type(tree) is dict and tree:  # a params dict: look at its first value only
-            first = next(iter(tree.values()))
-            if isinstance(first, torch.Tensor):
-                return first.device.type
-        for leaf in _tree.tree_leaves(tree):
-            if isinstance(leaf, torch.Tensor):
-                return leaf.device.type
-    return torch.get_default_device().type
 
 
 def autocast(
-    policy: Policy | int | str | None = None, device_type: str | None = None
+    policy: PolicySpec = None, device_type: str | None = None
 ) -> torch.autocast | _NullContext:
     """``torch.autocast`` to the policy's compute dtype, for code outside the forward.
 
@@ -61,7 +47,7 @@ def autocast(
             f"device_type must be a str such as 'cpu' or 'cuda', got {device_type!r} of type "
             f"{type(device_type).__name__}"
         )
-    if policy.compute_dtype in _HALF:
+    if policy.compute_dtype in HALF_DTYPES:
         return torch.autocast(device_type, dtype=policy.compute_dtype)
     return _NullContext()
 
@@ -74,28 +60,6 @@ class _NullContext:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _autocast_off(device_type: str) -> torch.autocast:
-    return torch.autocast(device_type, enabled=False)
-
-
-def _policy_context(policy: Policy, device_type: str) -> torch.autocast:
-    """The autocast state a module runs in under ``policy``: on for mixed policies, else off."""
-    if policy.is_mixed:
-        return torch.autocast(device_type, dtype=policy.compute_dtype)
-    return _autocast_off(device_type)
-
-
-def _params_for_compute(policy: Policy, tree: Any) -> Any:
-    """Params/buffers as the module should see them under ``policy``.
-
-    Mixed policies leave the casts to autocast, except under torch.func transforms where
-    autocast alone loses the dtype; every other policy casts explicitly.
-    """
-    if policy.is_mixed and not torch._C._are_functorch_transforms_active():
-        return tree
-    return policy.cast_to_compute(tree)
 
 
 class full_precision:  # lower case: used like a function, `with full_precision():`
@@ -123,7 +87,7 @@ class full_precision:  # lower case: used like a function, `with full_precision(
         types = ["cpu"]
         if torch.cuda.is_available():
             types.append("cuda")
-        self._contexts = [_autocast_off(t) for t in types]
+        self._contexts = [_context.autocast_off(t) for t in types]
 
     def __enter__(self) -> full_precision:
         for ctx in self._contexts:
@@ -157,7 +121,7 @@ def apply_with_policy(
     args: Any = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
-    policy: Policy | PolicyRules | int | str | None,
+    policy: PolicySpec | PolicyRules,
     strict: bool = False,
     tie_weights: bool = True,
 ) -> Any:
@@ -217,18 +181,16 @@ def apply_with_policy(
         kwargs = {}
     elif not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
-    from polprec.rules import PolicyRules
-
     if isinstance(policy, PolicyRules):
-        return policy._apply(
-            module, params_and_buffers, _as_args(args), dict(kwargs), strict, tie_weights
+        return apply_rules(
+            policy, module, params_and_buffers, _as_args(args), dict(kwargs), strict, tie_weights
         )
     policy = get_policy(policy)
     args = policy.cast_to_compute(_as_args(args))
     kwargs = policy.cast_to_compute(dict(kwargs)) if kwargs else {}
-    device_type = _device_type(params_and_buffers, args, kwargs)
-    params_and_buffers = _params_for_compute(policy, params_and_buffers)
-    with _policy_context(policy, device_type):
+    device_type = _context.device_type(params_and_buffers, args, kwargs)
+    params_and_buffers = _context.params_for_compute(policy, params_and_buffers)
+    with _context.policy_context(policy, device_type):
         out = torch.func.functional_call(
             module,
             params_and_buffers,  # type: ignore[arg-type]

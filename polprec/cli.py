@@ -23,22 +23,13 @@ from typing import Any
 
 import torch
 
-from polprec import __version__
-from polprec import policy as _policy
-from polprec.loss_scale import default_loss_scale
-from polprec.policy import CLI_ENV_VAR, ENV_VAR, Policy, get_policy, half_dtype
+from polprec import __version__, _catalogue
+from polprec.devices import half_dtype
+from polprec.policy import CLI_ENV_VAR, ENV_VAR, Policy, get_policy, parse_spec
+from polprec.scaling import default_loss_scale
 
 __all__ = ["main"]
 
-# Examples of jmp's grammar; the other specs come from polprec.policy's own tables.
-_GRAMMAR_EXAMPLES = (
-    "c=f16",
-    "c=bf16",
-    "p=bf16",
-    "p=bf16,c=f32",
-    "o=f16",
-    "params=float32,compute=bfloat16,output=float32",
-)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MATMUL_DTYPES = (torch.float32, *_HALF_DTYPES)
 _MATMUL_TARGET_S = 0.01  # matmul sizes double until the slowest dtype's product takes this long
@@ -108,16 +99,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _policy_rows() -> list[dict[str, Any]]:
-    named = _policy._NAMED_SPECS
-    specs: list[tuple[int | str, str]] = [(n, "fabric (int)") for n in _policy._INT_SPECS]
-    specs += [(k, "keras" if k.startswith("mixed_") else "fabric") for k in named]
-    specs += [(k, "dtype") for k in _policy._DTYPE_NAMES if k not in named]  # named ones win
-    specs += [(k, "jmp") for k in _GRAMMAR_EXAMPLES]
+    named = _catalogue.SPEC_NAMES
+    specs: list[tuple[int | str, str]] = [(n, "fabric (int)") for n in _catalogue.INT_SPECS]
+    specs += [(k, s.source) for k, s in named.items()]
+    specs += [(k, "dtype") for k in _catalogue.DTYPE_NAMES if k not in named]  # named ones win
+    specs += [(k, "jmp") for k in _catalogue.GRAMMAR_EXAMPLES]
     rows = []
     for spec, kind in specs:
-        policy: Policy = _policy._parse(
-            spec
-        )  # not get_policy: a `polprec run` value is no conflict
+        policy: Policy = parse_spec(spec)  # not get_policy: a `polprec run` value is no conflict
         rows.append(
             {
                 "spec": spec,
@@ -138,7 +127,7 @@ def _policies(args: argparse.Namespace) -> int:
         return 0
     header = ("spec", "kind", "params", "compute", "output", "default loss scale")
     print(_table(header, [list(row.values()) for row in rows]))
-    shadowed = ", ".join(repr(k) for k in _policy._DTYPE_NAMES if k in _policy._NAMED_SPECS)
+    shadowed = ", ".join(repr(k) for k in _catalogue.DTYPE_NAMES if k in _catalogue.SPEC_NAMES)
     print(
         "\nCase and surrounding whitespace are ignored. A bare dtype name sets all three dtypes,\n"
         f"except {shadowed} (Lightning Fabric's value above). jmp grammar: keys params|p,\n"

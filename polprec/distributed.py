@@ -19,8 +19,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
-from polprec.loss_scale import _check_grads_finite
-from polprec.policy import Policy, get_policy
+from polprec import _fused
+from polprec._checks import check_grads_finite
+from polprec.policy import PolicySpec, get_policy
+
+if dist.is_available():  # the functional collectives that torch.compile traces
+    from torch.distributed import _functional_collectives as funcol
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["all_finite_across", "to_fsdp_mixed_precision"]
 
 
-def _check_process_group(group: Any, name: str) -> None:
+def check_process_group(group: Any, name: str) -> None:
     """Raise unless ``group`` is ``None`` or a ``ProcessGroup`` of a usable torch.distributed."""
     if not dist.is_available():
         raise RuntimeError(
@@ -75,23 +79,21 @@ def all_finite_across(grads_finite: torch.Tensor | bool, *, group: Any = None) -
             grads, finite = pp.unscale_and_check(grads, loss_scale)  # rank 1 overflowed
             finite = pp.all_finite_across(finite)  # tensor(False) on both ranks
     """
-    flag = _check_grads_finite(grads_finite)
-    _check_process_group(group, "group")
+    flag = check_grads_finite(grads_finite)
+    check_process_group(group, "group")
     if not dist.is_initialized():
         raise RuntimeError(
             "all_finite_across needs an initialised torch.distributed default group: call "
             "torch.distributed.init_process_group(...) first (torchrun sets the environment "
             "it reads)"
         )
-    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+    if _fused.transforms_active() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "all_finite_across cannot run inside vmap/grad transforms: a collective runs "
             "once per rank, not once per batch member; agree on the flag outside the transform"
         )
     flag = flag.to(torch.int32)  # a fresh tensor: the collective may write into it
     if torch.compiler.is_compiling():
-        from torch.distributed import _functional_collectives as funcol
-
         world = cast(dist.ProcessGroup, dist.group.WORLD)  # set: initialised above
         reduced: torch.Tensor = funcol.all_reduce(flag, "min", world if group is None else group)
         return reduced.to(torch.bool)
@@ -115,7 +117,7 @@ def _mixed_precision_policy_class() -> type[MixedPrecisionPolicy]:
 
 
 def to_fsdp_mixed_precision(
-    policy: Policy | int | str | None = None, *, cast_forward_inputs: bool = True
+    policy: PolicySpec = None, *, cast_forward_inputs: bool = True
 ) -> MixedPrecisionPolicy:
     """The FSDP2 ``MixedPrecisionPolicy`` that carries out ``policy``.
 

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
-from polprec import _tree
-from polprec.loss_scale import LossScale, _check_loss_scale, _unscale_and_check, scale_loss
+from polprec import _fused, _tree
+from polprec.distributed import all_finite_across, check_process_group
+from polprec.loss_scale import LossScale, NoOpLossScale, check_loss_scale
+from polprec.scaling import scale_loss, unscale_and_check
 
 __all__ = ["value_and_grad"]
 
@@ -33,21 +35,6 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
             f"{hint}"
         )
     return loss, aux
-
-
-def _owned_fusable(tensors: list[torch.Tensor]) -> bool:
-    """True when fresh gradients can be unscaled in place with the fused kernel.
-
-    They must be plain dense tensors (no subclass such as DTensor) and distinct: autograd
-    can hand the same buffer to two inputs (``(a + b).sum()``), which must not be unscaled
-    twice.
-    """
-    ptrs = set()
-    for t in tensors:
-        if type(t) is not torch.Tensor or not t.is_contiguous():
-            return False
-        ptrs.add(t.data_ptr())
-    return len(ptrs) == len(tensors)
 
 
 def value_and_grad(
@@ -90,15 +77,13 @@ def value_and_grad(
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be a bool, got {has_aux!r}")
-    if process_group is not None:  # distributed: imported only when asked for
-        from polprec.distributed import _check_process_group, all_finite_across
-
-        _check_process_group(process_group, "process_group")
+    if process_group is not None:
+        check_process_group(process_group, "process_group")
 
     def grad_fn(
         params: Any, *args: Any, loss_scale: LossScale, **kwargs: Any
     ) -> tuple[Any, Any, torch.Tensor, LossScale]:
-        _check_loss_scale(loss_scale)
+        check_loss_scale(loss_scale)
         leaves, spec = _tree.tree_flatten(params)
         idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff = [leaves[i] for i in idx]
@@ -109,7 +94,7 @@ def value_and_grad(
                 full[i] = x
             return _tree.tree_unflatten(spec, full)
 
-        eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+        eager = not _fused.tracing()
         if eager:
             inputs = [x.detach().requires_grad_() for x in diff]
             with torch.enable_grad():
@@ -121,7 +106,7 @@ def value_and_grad(
             ]
             loss = loss.detach()
             aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
-            owned = _owned_fusable(dgrads)
+            owned = _fused.owned(dgrads)
         else:
 
             def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
@@ -132,7 +117,12 @@ def value_and_grad(
             dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
             loss, aux = out if has_aux else (out[0], None)
             owned = False
-        dgrads, finite = _unscale_and_check(dgrads, loss_scale, owned=owned)
+        if owned and dgrads and not isinstance(loss_scale, NoOpLossScale):
+            # fresh eager gradients nobody else holds: unscaled in place, one fused pass
+            inv = torch.reciprocal(loss_scale.loss_scale)
+            finite = _fused.unscale_(dgrads, inv) == 0
+        else:
+            dgrads, finite = unscale_and_check(dgrads, loss_scale)
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
         grads_full: list[Any] = [None] * len(leaves)

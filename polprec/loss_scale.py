@@ -1,9 +1,6 @@
-"""Stateless loss scaling: immutable loss-scale states and pure functions over gradients.
+"""Stateless loss scaling: immutable loss-scale states (pytrees; see ``_state.py``).
 
-A loss-scale state is a pytree: its tensors (scale, counters) are children, its settings
-(period, factor, bounds, ...) are static metadata that survive every flatten/unflatten, so a
-state passes through ``vmap`` (a stacked state gives each ensemble member its own scale),
-``torch.func.grad`` and ``torch.compile(fullgraph=True)``.
+Applying a state to a loss and to gradients: :mod:`polprec.scaling`.
 """
 
 from __future__ import annotations
@@ -11,163 +8,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, Union
 
 import torch
 
-from polprec import _tree
-from polprec.policy import Policy, get_policy
-from polprec.tree import all_finite
+from polprec import _fused, _grad_scaler, _tree
+from polprec._checks import (
+    as_tensor,
+    check_grads_finite,
+    check_int,
+    check_number,
+    check_scale_bounds,
+)
+from polprec._state import State, static_field
 
 __all__ = [
     "DynamicLossScale",
     "LossScale",
     "NoOpLossScale",
     "StaticLossScale",
-    "default_loss_scale",
-    "scale_loss",
-    "unscale_and_check",
 ]
-
-_S = TypeVar("_S", bound="_Base")
-
-
-def _check_number(name: str, value: Any, *, positive: bool = True) -> float:
-    """Validate a Python number setting; ``positive`` demands > 0, else >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(
-            f"{name} must be a Python number, got {value!r} of type {type(value).__name__}"
-        )
-    number = float(value)
-    if not math.isfinite(number) or (number <= 0 if positive else number < 0):
-        bound = "a finite number > 0" if positive else "a finite number >= 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-    return number
-
-
-def _as_tensor(name: str, value: Any, dtype: torch.dtype, *, positive: bool) -> torch.Tensor:
-    """A 0-dim ``dtype`` tensor from a number (value-checked) or a tensor (checked statically).
-
-    Tensor values are not inspected: that would need a host synchronisation, and states are
-    rebuilt from tensors on every step.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
-        if not dtype.is_floating_point and value.is_floating_point():
-            raise TypeError(
-                f"{name} must be an integer tensor, got a tensor of dtype {value.dtype}"
-            )
-        return value.to(dtype)
-    if dtype.is_floating_point:
-        return torch.tensor(_check_number(name, value, positive=positive), dtype=dtype)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return torch.tensor(value, dtype=dtype)
-
-
-def _mul(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``x * factor`` in ``x``'s dtype for a 0-dim float32 ``factor``.
-
-    The elementwise kernels read a 0-dim operand as a float32 scalar, so the product is
-    computed in float32 and rounded once (a 2**-25 reciprocal is not flushed to zero for
-    float16). Only a 0-dim ``x`` is promoted by torch's rules; it is cast back.
-    """
-    return _keep_dtype(x * factor, x.dtype)
-
-
-def _keep_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return y if y.dtype == dtype else y.to(dtype)
-
-
-def _check_grads_finite(grads_finite: Any) -> torch.Tensor:
-    if isinstance(grads_finite, bool):
-        return torch.tensor(grads_finite)
-    if not isinstance(grads_finite, torch.Tensor):
-        raise TypeError(
-            "grads_finite must be a 0-dim torch.bool tensor (as returned by unscale_and_check "
-            f"or all_finite) or a bool, got {grads_finite!r} of type {type(grads_finite).__name__}"
-        )
-    if grads_finite.dtype != torch.bool or grads_finite.dim() != 0:
-        raise ValueError(
-            "grads_finite must be a 0-dim torch.bool tensor, got dtype "
-            f"{grads_finite.dtype} with shape {tuple(grads_finite.shape)}"
-        )
-    return grads_finite
-
-
-class _Base:
-    """Shared behaviour of the loss-scale states (pytree registration, state dicts)."""
-
-    _children: ClassVar[tuple[str, ...]] = ()
-    _static: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _tree.register_node(cls, cls._flatten, cls._unflatten)
-
-    def _flatten(self) -> tuple[list[Any], tuple[Any, ...]]:
-        return [getattr(self, n) for n in self._children], tuple(
-            getattr(self, n) for n in self._static
-        )
-
-    @classmethod
-    def _unflatten(cls: type[_S], children: list[Any], static: tuple[Any, ...]) -> _S:
-        # Unvalidated: vmap and stacking rebuild states from batched/stacked tensors.
-        obj = object.__new__(cls)
-        for name, value in zip(cls._children, children, strict=True):
-            object.__setattr__(obj, name, value)
-        for name, value in zip(cls._static, static, strict=True):
-            object.__setattr__(obj, name, value)
-        return obj
-
-    def _replace(self: _S, **children: torch.Tensor) -> _S:
-        leaves, static = self._flatten()
-        values = dict(zip(self._children, leaves, strict=True))
-        values.update(children)
-        return self._unflatten([values[n] for n in self._children], static)
-
-    def to(self: _S, device: torch.device | str) -> _S:
-        """A copy of this state with its tensors on ``device``."""
-        leaves, static = self._flatten()
-        return self._unflatten([t.to(device) for t in leaves], static)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and settings as a dict that survives ``torch.load(weights_only=True)``."""
-        leaves, static = self._flatten()
-        out: dict[str, Any] = {"type": type(self).__name__}
-        out.update(zip(self._children, (t.detach().clone() for t in leaves), strict=True))
-        out.update(zip(self._static, static, strict=True))
-        return out
-
-    @classmethod
-    def from_state_dict(cls: type[_S], state_dict: Mapping[str, Any]) -> _S:
-        """Rebuild a state from :meth:`state_dict`'s output (validated)."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
-                "output of state_dict()"
-            )
-        kind = state_dict.get("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
-        fields = set(cls._children) | set(cls._static)
-        missing = sorted(fields - set(state_dict))
-        unknown = sorted(set(state_dict) - fields - {"type"})
-        if missing or unknown:
-            raise ValueError(
-                f"state_dict for {cls.__name__} has missing keys {missing} and unknown keys "
-                f"{unknown}; expected keys {sorted(fields | {'type'})}"
-            )
-        return cls(**{k: state_dict[k] for k in fields})
-
-    def load_state_dict(self: _S, state_dict: Mapping[str, Any]) -> _S:
-        """A new state built from ``state_dict`` (this one is unchanged)."""
-        return type(self).from_state_dict(state_dict)
 
 
 class _Scales:
@@ -182,16 +42,16 @@ class _Scales:
         leaf can overflow to ``inf``; scale a loss with :func:`scale_loss`, which returns
         float32.
         """
-        return _tree.map_floating(tree, lambda x: _mul(x, self.loss_scale))
+        return _tree.map_floating(tree, lambda x: _fused.scaled(x, self.loss_scale))
 
     def unscale(self, tree: Any) -> Any:
         """Multiply the floating leaves of ``tree`` by the float32 reciprocal of the scale."""
         inv = torch.reciprocal(self.loss_scale)
-        return _tree.map_floating(tree, lambda x: _mul(x, inv))
+        return _tree.map_floating(tree, lambda x: _fused.scaled(x, inv))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class NoOpLossScale(_Base):
+class NoOpLossScale(State):
     """No loss scaling: ``scale``/``unscale`` return their input; ``adjust`` returns ``self``.
 
     Examples:
@@ -216,12 +76,12 @@ class NoOpLossScale(_Base):
 
     def adjust(self, grads_finite: torch.Tensor | bool) -> NoOpLossScale:
         """Return ``self`` (after checking ``grads_finite``)."""
-        _check_grads_finite(grads_finite)
+        check_grads_finite(grads_finite)
         return self
 
 
 @dataclasses.dataclass(frozen=True, eq=False, init=False)
-class StaticLossScale(_Scales, _Base):
+class StaticLossScale(_Scales, State):
     """A fixed loss scale.
 
     Args:
@@ -235,21 +95,20 @@ class StaticLossScale(_Scales, _Base):
     """
 
     loss_scale: torch.Tensor
-    _children: ClassVar[tuple[str, ...]] = ("loss_scale",)
 
     def __init__(self, loss_scale: float | torch.Tensor) -> None:
         object.__setattr__(
-            self, "loss_scale", _as_tensor("loss_scale", loss_scale, torch.float32, positive=True)
+            self, "loss_scale", as_tensor("loss_scale", loss_scale, torch.float32, positive=True)
         )
 
     def adjust(self, grads_finite: torch.Tensor | bool) -> StaticLossScale:
         """Return ``self`` (a static scale never changes)."""
-        _check_grads_finite(grads_finite)
+        check_grads_finite(grads_finite)
         return self
 
 
 @dataclasses.dataclass(frozen=True, eq=False, init=False)
-class DynamicLossScale(_Scales, _Base):
+class DynamicLossScale(_Scales, State):
     """A loss scale that grows after ``period`` finite steps and backs off on overflow.
 
     ``adjust(grads_finite)`` follows jmp's rule, with bounds and optional hysteresis:
@@ -293,20 +152,11 @@ class DynamicLossScale(_Scales, _Base):
     loss_scale: torch.Tensor
     counter: torch.Tensor
     hysteresis_tracker: torch.Tensor
-    period: int
-    factor: float
-    min_loss_scale: float
-    max_loss_scale: float | None
-    hysteresis: int
-
-    _children: ClassVar[tuple[str, ...]] = ("loss_scale", "counter", "hysteresis_tracker")
-    _static: ClassVar[tuple[str, ...]] = (
-        "period",
-        "factor",
-        "min_loss_scale",
-        "max_loss_scale",
-        "hysteresis",
-    )
+    period: int = static_field()
+    factor: float = static_field()
+    min_loss_scale: float = static_field()
+    max_loss_scale: float | None = static_field()
+    hysteresis: int = static_field()
 
     def __init__(
         self,
@@ -320,36 +170,19 @@ class DynamicLossScale(_Scales, _Base):
         hysteresis: int = 1,
         hysteresis_tracker: int | torch.Tensor | None = None,
     ) -> None:
-        for name, value in (("period", period), ("hysteresis", hysteresis)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        factor = _check_number("factor", factor)
+        period = check_int("period", period, minimum=1)
+        hysteresis = check_int("hysteresis", hysteresis, minimum=1)
+        factor = check_number("factor", factor)
         if factor <= 1:
             raise ValueError(f"factor must be > 1, got {factor!r}")
-        min_loss_scale = _check_number("min_loss_scale", min_loss_scale, positive=False)
-        if max_loss_scale is not None:
-            max_loss_scale = _check_number("max_loss_scale", max_loss_scale)
-            if max_loss_scale < min_loss_scale:
-                raise ValueError(
-                    f"max_loss_scale ({max_loss_scale!r}) must be >= min_loss_scale "
-                    f"({min_loss_scale!r})"
-                )
-        if not isinstance(loss_scale, torch.Tensor):
-            initial = _check_number("loss_scale", loss_scale)
-            if initial < min_loss_scale or (
-                max_loss_scale is not None and initial > max_loss_scale
-            ):
-                raise ValueError(
-                    f"loss_scale {initial!r} is outside [min_loss_scale, max_loss_scale] = "
-                    f"[{min_loss_scale!r}, {max_loss_scale!r}]"
-                )
+        min_loss_scale, max_loss_scale = check_scale_bounds(
+            loss_scale, min_loss_scale, max_loss_scale
+        )
         tracker = hysteresis if hysteresis_tracker is None else hysteresis_tracker
         values = {
-            "loss_scale": _as_tensor("loss_scale", loss_scale, torch.float32, positive=True),
-            "counter": _as_tensor("counter", counter, torch.int32, positive=False),
-            "hysteresis_tracker": _as_tensor(
+            "loss_scale": as_tensor("loss_scale", loss_scale, torch.float32, positive=True),
+            "counter": as_tensor("counter", counter, torch.int32, positive=False),
+            "hysteresis_tracker": as_tensor(
                 "hysteresis_tracker", tracker, torch.int32, positive=False
             ),
             "period": period,
@@ -363,9 +196,9 @@ class DynamicLossScale(_Scales, _Base):
 
     def adjust(self, grads_finite: torch.Tensor | bool) -> DynamicLossScale:
         """The next state after a step whose gradients were (not) finite."""
-        finite = _check_grads_finite(grads_finite)
+        finite = check_grads_finite(grads_finite)
         if self._fusable() and finite.device == self.loss_scale.device:
-            return self._adjust_found_inf(torch.logical_not(finite).to(torch.float32))
+            return self._adjust_fused(finite)
         scale, counter = self.loss_scale, self.counter
         period_done = counter == self.period - 1
         grown = scale * self.factor
@@ -394,29 +227,26 @@ class DynamicLossScale(_Scales, _Base):
         """Whether torch's fused GradScaler update kernel computes exactly :meth:`adjust`.
 
         It does for the defaults (no upper bound, no hysteresis) with a power-of-two factor
-        (so multiplying by ``1 / factor`` equals dividing), in eager mode only (the kernel
-        updates in place, has no vmap rule and no derivative).
+        (so multiplying by ``1 / factor`` equals dividing), where the fused kernels may run.
         """
         return (
             self.hysteresis == 1
             and self.max_loss_scale is None
             and math.frexp(self.factor)[0] == 0.5
-            and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
-            and not self.loss_scale.requires_grad
+            and _fused.may_fuse([self.loss_scale])
         )
 
-    def _adjust_found_inf(self, found_inf: torch.Tensor) -> DynamicLossScale:
-        """:meth:`adjust` from a float ``found_inf`` flag with the fused kernel, on copies."""
-        scale, counter = self.loss_scale.clone(), self.counter.clone()
-        torch._amp_update_scale_(
-            scale, counter, found_inf, self.factor, 1.0 / self.factor, self.period
+    def _adjust_fused(self, finite: torch.Tensor) -> DynamicLossScale:
+        """:meth:`adjust` with the fused kernel, on copies."""
+        found_inf = torch.logical_not(finite).to(torch.float32)
+        scale, counter = _fused.update_scale(
+            self.loss_scale, self.counter, found_inf, self.factor, self.period
         )
         if self.min_loss_scale > 0:
             scale.clamp_min_(self.min_loss_scale)  # a fresh tensor: nobody else holds it
         return self._replace(loss_scale=scale, counter=counter)
 
-    # --- torch.amp.GradScaler interoperability -------------------------------------------
+    # torch.amp.GradScaler interoperability: the work is done beside the class.
 
     @classmethod
     def from_grad_scaler_state_dict(
@@ -426,7 +256,8 @@ class DynamicLossScale(_Scales, _Base):
 
         ``growth_factor`` becomes ``factor`` (``backoff_factor`` must be its reciprocal),
         ``growth_interval`` becomes ``period`` and ``_growth_tracker`` becomes ``counter``.
-        GradScaler has no lower bound, hence ``min_loss_scale=0`` by default.
+        GradScaler has no lower bound, hence ``min_loss_scale=0`` by default; ``kwargs`` are
+        further settings (``max_loss_scale``, ``hysteresis``).
 
         Examples:
             >>> import torch
@@ -435,202 +266,26 @@ class DynamicLossScale(_Scales, _Base):
             >>> float(state.loss_scale), state.period
             (1024.0, 10)
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"expected GradScaler.state_dict(), got {type(state_dict).__name__}")
-        keys = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-        missing = [k for k in keys if k not in state_dict]
-        if missing:
-            hint = " (a disabled GradScaler saves an empty dict)" if not state_dict else ""
-            raise ValueError(
-                f"GradScaler state dict is missing keys {missing}{hint}; expected {list(keys)}"
-            )
-        growth = _check_number("growth_factor", state_dict["growth_factor"])
-        backoff = _check_number("backoff_factor", state_dict["backoff_factor"])
-        if not math.isclose(growth * backoff, 1.0, rel_tol=1e-6):
-            raise ValueError(
-                f"backoff_factor {backoff!r} is not 1/growth_factor ({1 / growth!r}); "
-                "DynamicLossScale grows and backs off by the same factor"
-            )
-        scale = state_dict["scale"]
-        if isinstance(scale, torch.Tensor):
-            scale = float(scale)
-        return cls(
-            scale,
-            int(state_dict["_growth_tracker"]),
-            period=int(state_dict["growth_interval"]),
-            factor=growth,
-            min_loss_scale=min_loss_scale,
-            **kwargs,
-        )
+        args = _grad_scaler.read(state_dict)
+        return cls(**args, min_loss_scale=min_loss_scale, **kwargs)
 
     def to_grad_scaler_state_dict(self) -> dict[str, Any]:
         """This state as a dict for ``torch.amp.GradScaler.load_state_dict`` (reads the tensors)."""
-        return {
-            "scale": float(self.loss_scale),
-            "growth_factor": self.factor,
-            "backoff_factor": 1.0 / self.factor,
-            "growth_interval": self.period,
-            "_growth_tracker": int(self.counter),
-        }
+        return _grad_scaler.write(
+            self.loss_scale, self.counter, factor=self.factor, period=self.period
+        )
 
 
 LossScale = Union[NoOpLossScale, StaticLossScale, DynamicLossScale]  # noqa: UP007
 _LOSS_SCALE_TYPES = (NoOpLossScale, StaticLossScale, DynamicLossScale)
 
 
-def _check_loss_scale(loss_scale: Any) -> None:
+def check_loss_scale(loss_scale: Any) -> LossScale:
+    """``loss_scale`` if it is a loss-scale state, else a ``TypeError`` that says what is."""
     if not isinstance(loss_scale, _LOSS_SCALE_TYPES):
         raise TypeError(
             f"loss_scale must be a NoOpLossScale, StaticLossScale or DynamicLossScale, got "
             f"{loss_scale!r} of type {type(loss_scale).__name__}; for a plain number use "
             "StaticLossScale(value)"
         )
-
-
-def scale_loss(loss: torch.Tensor, loss_scale: LossScale) -> torch.Tensor:
-    """``loss * loss_scale``, computed in at least float32 (a float16 loss cannot overflow).
-
-    Examples:
-        >>> import torch
-        >>> scale_loss(torch.tensor(3.0, dtype=torch.float16), StaticLossScale(2.0**16))
-        tensor(196608.)
-    """
-    _check_loss_scale(loss_scale)
-    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
-        raise TypeError(
-            f"loss must be a floating-point tensor, got {loss!r} of type {type(loss).__name__}"
-        )
-    if isinstance(loss_scale, NoOpLossScale):
-        return loss
-    if loss.dtype in (torch.float16, torch.bfloat16):
-        loss = loss.float()
-    return loss * loss_scale.loss_scale
-
-
-def _can_fuse(leaves: list[torch.Tensor]) -> bool:
-    """Whether the eager fused kernels apply (they have no vmap rule and no derivative)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
-        return False
-    return all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in leaves)
-
-
-# The dtypes torch's fused check-and-unscale kernel implements, per device type (its CUDA
-# kernel has no bfloat16); other groups take the plain-op path in _fused_unscale_.
-_FUSED_UNSCALE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
-    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "cuda": (torch.float16, torch.float32, torch.float64),
-}
-
-
-def _fused_unscale_(leaves: list[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
-    """Unscale ``leaves`` in place with torch's fused AMP kernel.
-
-    Returns ``found_inf``: a 0-dim float32 tensor, 0 when every element was finite.
-    """
-    first = leaves[0]
-    if all(x.dtype == first.dtype and x.device == first.device for x in leaves):
-        groups = {(first.device, first.dtype): leaves}  # the common case: one group
-    else:
-        groups = {}
-        for x in leaves:
-            groups.setdefault((x.device, x.dtype), []).append(x)
-    found = []
-    for (device, dtype), group in groups.items():
-        if dtype in _FUSED_UNSCALE_DTYPES.get(device.type, ()):
-            found_inf = torch.zeros((), dtype=torch.float32, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
-        else:  # the same in plain ops, where the kernel lacks this dtype or device type
-            all_finite_ = torch.stack([torch.isfinite(x).all() for x in group]).all()
-            torch._foreach_mul_(group, inv_scale.to(device))
-            found_inf = torch.logical_not(all_finite_).to(torch.float32)
-        found.append(found_inf)
-    if len(found) == 1:
-        return found[0]
-    return torch.stack([f.to(found[0].device) for f in found]).sum()
-
-
-def unscale_and_check(
-    grads: Any, loss_scale: LossScale, *, process_group: Any = None
-) -> tuple[Any, torch.Tensor]:
-    """Unscale gradients and check that they are finite.
-
-    Every floating leaf is multiplied by the float32 reciprocal of the scale and returned in
-    its own dtype (float16 gradients are fine). ``grads_finite`` is a 0-dim bool tensor,
-    True when every element of the scaled input was finite. ``None`` leaves stay ``None``,
-    non-floating leaves pass through. Pure: the input is never modified; no host
-    synchronisation. In eager mode it runs torch's fused AMP kernel on fresh buffers; under
-    ``vmap``/``grad``/``torch.compile`` it uses plain tensor ops.
-
-    Args:
-        grads: a pytree of (scaled) gradients.
-        loss_scale: the loss-scale state the loss was scaled with.
-        process_group: a ``torch.distributed.ProcessGroup`` (e.g.
-            ``torch.distributed.group.WORLD``): ``grads_finite`` is then agreed across its
-            ranks (:func:`polprec.all_finite_across`), so all ranks skip together. ``None``:
-            this rank's verdict only.
-
-    Returns:
-        ``(grads, grads_finite)``.
-
-    Examples:
-        >>> import torch
-        >>> grads, finite = unscale_and_check({"w": torch.tensor([8.0, 4.0])}, StaticLossScale(4))
-        >>> grads, finite
-        ({'w': tensor([2., 1.])}, tensor(True))
-    """
-    if process_group is not None:  # distributed: validate before any work
-        from polprec.distributed import _check_process_group, all_finite_across
-
-        _check_process_group(process_group, "process_group")
-    grads, finite = _unscale_and_check(grads, loss_scale, owned=False)
-    if process_group is not None:
-        finite = all_finite_across(finite, group=process_group)
-    return grads, finite
-
-
-def _unscale_and_check(
-    grads: Any, loss_scale: LossScale, *, owned: bool
-) -> tuple[Any, torch.Tensor]:
-    """:func:`unscale_and_check` without the distributed option.
-
-    ``owned=True`` unscales ``grads`` in place with the fused kernel: only for eager, fresh,
-    dense, distinct gradients that the caller has just created and nobody else holds.
-    """
-    _check_loss_scale(loss_scale)
-    leaves, spec = _tree.tree_flatten(grads)
-    idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    floats = [leaves[i] for i in idx]
-    if isinstance(loss_scale, NoOpLossScale):
-        return grads, all_finite(floats)
-    if not floats:
-        return grads, torch.tensor(True)
-    inv = torch.reciprocal(loss_scale.loss_scale)
-    if owned or _can_fuse(floats):  # owned: fresh eager gradients (value_and_grad checked)
-        if not owned:
-            products = torch._foreach_mul(floats, inv)
-            floats = [_keep_dtype(y, x.dtype) for x, y in zip(floats, products, strict=True)]
-            inv = torch.ones((), dtype=torch.float32, device=floats[0].device)  # no H2D copy
-        finite = _fused_unscale_(floats, inv) == 0
-    else:
-        finite = all_finite(floats)
-        floats = [_mul(x, inv) for x in floats]
-    out = list(leaves)
-    for i, x in zip(idx, floats, strict=True):
-        out[i] = x
-    return _tree.tree_unflatten(spec, out), finite
-
-
-def default_loss_scale(policy: Policy | int | str | None = None) -> LossScale:
-    """``DynamicLossScale()`` when the policy involves float16, else ``NoOpLossScale()``.
-
-    Examples:
-        >>> type(default_loss_scale("16-mixed")).__name__
-        'DynamicLossScale'
-        >>> type(default_loss_scale("bf16-mixed")).__name__
-        'NoOpLossScale'
-    """
-    if get_policy(policy).uses_float16:
-        return DynamicLossScale()
-    return NoOpLossScale()
+    return loss_scale

@@ -4,92 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
 from polprec import _tree
+from polprec._catalogue import (
+    ACCEPTED,
+    DTYPE_NAMES,
+    F16,
+    F32,
+    FLOAT_DTYPES,
+    GRAMMAR_KEYS,
+    HALF_DTYPES,
+    INT_SPECS,
+    SPEC_NAMES,
+    dtype_name,
+)
 
 __all__ = [
     "ENV_VAR",
     "Policy",
     "get_policy",
-    "half_dtype",
     "parse_dtype",
+    "parse_spec",
 ]
 
 #: The environment variable :func:`get_policy` reads when called without a spec.
 ENV_VAR = "POLPREC_PRECISION"
 #: Set by ``polprec run`` next to :data:`ENV_VAR`; makes a conflicting explicit spec an error.
 CLI_ENV_VAR = "POLPREC_PRECISION_FROM_CLI"
-
-_FLOAT_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-)
-
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "f16": torch.float16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "f32": torch.float32,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "single": torch.float32,
-    "full": torch.float32,
-    "f64": torch.float64,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
-
-_F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-
-# Lightning Fabric's precision values (outputs always float32) and Keras' mixed policies.
-_NAMED_SPECS: dict[str, tuple[torch.dtype, torch.dtype, torch.dtype]] = {
-    "64": (_F64, _F64, _F32),
-    "64-true": (_F64, _F64, _F32),
-    "32": (_F32, _F32, _F32),
-    "32-true": (_F32, _F32, _F32),
-    "16": (_F32, _F16, _F32),
-    "16-mixed": (_F32, _F16, _F32),
-    "bf16": (_F32, _BF16, _F32),
-    "bf16-mixed": (_F32, _BF16, _F32),
-    "16-true": (_F16, _F16, _F32),
-    "bf16-true": (_BF16, _BF16, _F32),
-    "mixed_float16": (_F32, _F16, _F32),
-    "mixed_bfloat16": (_F32, _BF16, _F32),
-}
-_INT_SPECS = {64: "64", 32: "32", 16: "16"}
-
-_GRAMMAR_KEYS = {
-    "params": "params",
-    "p": "params",
-    "compute": "compute",
-    "c": "compute",
-    "output": "output",
-    "o": "output",
-}
-
-_ACCEPTED = (
-    "a Policy; the ints 64, 32, 16; Lightning Fabric values "
-    + ", ".join(repr(k) for k in _NAMED_SPECS if not k.startswith("mixed"))
-    + "; Keras names 'mixed_float16', 'mixed_bfloat16'; a bare dtype name ("
-    + ", ".join(sorted(_DTYPE_NAMES))
-    + ") meaning all three dtypes (but 'bf16' is Fabric's bf16-mixed); or jmp's grammar 'params=<dtype>,compute=<dtype>,"
-    "output=<dtype>' with keys params|p, compute|c, output|o (e.g. 'c=bf16', "
-    "'p=bf16,c=f32')"
-)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(value: torch.dtype | str) -> torch.dtype:
@@ -110,22 +54,22 @@ def parse_dtype(value: torch.dtype | str) -> torch.dtype:
         torch.float16
     """
     if isinstance(value, torch.dtype):
-        if value not in _FLOAT_DTYPES:
+        if value not in FLOAT_DTYPES:
             raise ValueError(
                 f"dtype {value} is not supported by a Policy; accepted dtypes are "
-                f"{', '.join(str(d) for d in _FLOAT_DTYPES)}"
+                f"{', '.join(str(d) for d in FLOAT_DTYPES)}"
             )
         return value
     if isinstance(value, str):
         key = value.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return _DTYPE_NAMES[key]
+        if key in DTYPE_NAMES:
+            return DTYPE_NAMES[key]
         raise ValueError(
-            f"unknown dtype name {value!r}; accepted names are {', '.join(sorted(_DTYPE_NAMES))}"
+            f"unknown dtype name {value!r}; accepted names are {', '.join(sorted(DTYPE_NAMES))}"
         )
     raise TypeError(
         f"expected a torch.dtype or a dtype name, got {value!r} of type {type(value).__name__}; "
-        f"accepted: {', '.join(str(d) for d in _FLOAT_DTYPES)} or their names"
+        f"accepted: {', '.join(str(d) for d in FLOAT_DTYPES)} or their names"
     )
 
 
@@ -166,9 +110,9 @@ class Policy:
 
     def __str__(self) -> str:
         return (
-            f"params={_dtype_name(self.param_dtype)},"
-            f"compute={_dtype_name(self.compute_dtype)},"
-            f"output={_dtype_name(self.output_dtype)}"
+            f"params={dtype_name(self.param_dtype)},"
+            f"compute={dtype_name(self.compute_dtype)},"
+            f"output={dtype_name(self.output_dtype)}"
         )
 
     @property
@@ -177,12 +121,12 @@ class Policy:
 
         (Autocast only casts float32 tensors, so float64 params are cast explicitly.)
         """
-        return self.compute_dtype in (_F16, _BF16) and self.param_dtype == _F32
+        return self.compute_dtype in HALF_DTYPES and self.param_dtype == F32
 
     @property
     def uses_float16(self) -> bool:
         """True when any of the three dtypes is float16 (gradients may underflow)."""
-        return _F16 in (self.param_dtype, self.compute_dtype, self.output_dtype)
+        return F16 in (self.param_dtype, self.compute_dtype, self.output_dtype)
 
     def cast_to_param(self, tree: Any) -> Any:
         """Cast the floating tensor leaves of ``tree`` to :attr:`param_dtype`."""
@@ -209,6 +153,10 @@ class Policy:
         return dataclasses.replace(self, output_dtype=parse_dtype(dtype))
 
 
+#: Anything :func:`get_policy` accepts.
+PolicySpec: TypeAlias = "Policy | int | str | None"
+
+
 def _parse_grammar(text: str, original: object) -> Policy:
     chosen: dict[str, torch.dtype] = {}
     for part in text.split(","):
@@ -220,51 +168,60 @@ def _parse_grammar(text: str, original: object) -> Policy:
                 "comma-separated pairs such as 'p=f32,c=bf16' with keys params|p, compute|c, "
                 "output|o"
             )
-        if key not in _GRAMMAR_KEYS:
+        if key not in GRAMMAR_KEYS:
             raise ValueError(
                 f"cannot parse precision {original!r}: unknown key {key!r}; accepted keys are "
                 "params|p, compute|c, output|o"
             )
-        name = _GRAMMAR_KEYS[key]
+        name = GRAMMAR_KEYS[key]
         if name in chosen:
             raise ValueError(f"cannot parse precision {original!r}: {name!r} is given twice")
         try:
             chosen[name] = parse_dtype(value)
         except ValueError as err:
             raise ValueError(f"cannot parse precision {original!r}: {err}") from None
-    params = chosen.get("params", _F32)
+    params = chosen.get("params", F32)
     compute = chosen.get("compute", params)
     output = chosen.get("output", compute)
     return Policy(params, compute, output)
 
 
-def _parse(spec: object) -> Policy:
+def parse_spec(spec: Policy | int | str) -> Policy:
+    """The :class:`Policy` a spec names, read from the spec alone.
+
+    :func:`get_policy` is this plus the environment: ``None`` reads ``POLPREC_PRECISION``,
+    and an explicit spec is checked against a ``polprec run --precision``.
+
+    Examples:
+        >>> str(parse_spec("bf16-true"))
+        'params=bfloat16,compute=bfloat16,output=float32'
+    """
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, bool) or not isinstance(spec, int | str):
         raise TypeError(
             f"precision must be a Policy, an int or a str, got {spec!r} of type "
-            f"{type(spec).__name__}; accepted: {_ACCEPTED}"
+            f"{type(spec).__name__}; accepted: {ACCEPTED}"
         )
     if isinstance(spec, int):
-        if spec not in _INT_SPECS:
-            raise ValueError(f"unknown precision {spec!r}; accepted: {_ACCEPTED}")
-        return Policy(*_NAMED_SPECS[_INT_SPECS[spec]])
+        if spec not in INT_SPECS:
+            raise ValueError(f"unknown precision {spec!r}; accepted: {ACCEPTED}")
+        return Policy(*INT_SPECS[spec].dtypes)
     text = spec.strip().lower()
-    if text in _NAMED_SPECS:
-        return Policy(*_NAMED_SPECS[text])
+    if text in SPEC_NAMES:
+        return Policy(*SPEC_NAMES[text].dtypes)
     if "=" in text:
         return _parse_grammar(text, spec)
-    if text in _DTYPE_NAMES:
-        dtype = _DTYPE_NAMES[text]
+    if text in DTYPE_NAMES:
+        dtype = DTYPE_NAMES[text]
         return Policy(dtype, dtype, dtype)
     hint = ""
     if text.startswith("transformer-engine") or "8" in text:
         hint = " (float8 / Transformer Engine precisions are not supported by polprec)"
-    raise ValueError(f"unknown precision {spec!r}{hint}; accepted: {_ACCEPTED}")
+    raise ValueError(f"unknown precision {spec!r}{hint}; accepted: {ACCEPTED}")
 
 
-def get_policy(spec: Policy | int | str | None = None) -> Policy:
+def get_policy(spec: PolicySpec = None) -> Policy:
     """Return the :class:`Policy` described by ``spec``.
 
     Args:
@@ -296,14 +253,14 @@ def get_policy(spec: Policy | int | str | None = None) -> Policy:
     env = os.environ.get(ENV_VAR)
     if spec is None:
         if env is None or not env.strip():
-            return _parse("32-true")
+            return parse_spec("32-true")
         try:
-            return _parse(env)
+            return parse_spec(env)
         except ValueError as err:
             raise ValueError(f"environment variable {ENV_VAR}={env!r} is invalid: {err}") from None
-    policy = _parse(spec)
+    policy = parse_spec(spec)
     if env and os.environ.get(CLI_ENV_VAR) == "1":
-        cli_policy = _parse(env)
+        cli_policy = parse_spec(env)
         if cli_policy != policy:
             raise ValueError(
                 f"precision {spec!r} ({policy}) in the code conflicts with "
@@ -311,42 +268,3 @@ def get_policy(spec: Policy | int | str | None = None) -> Policy:
                 "them, or call get_policy() without an argument to follow the command line"
             )
     return policy
-
-
-def half_dtype(device: torch.device | str | int | None = None) -> torch.dtype:
-    """The recommended 16-bit dtype for ``device``.
-
-    bfloat16 on CPU and on CUDA devices with native bfloat16 support, float16 elsewhere.
-
-    Args:
-        device: a ``torch.device``, a device string (``"cpu"``, ``"cuda:0"``), a CUDA index,
-            or ``None`` for torch's default device.
-
-    Examples:
-        >>> half_dtype("cpu")
-        torch.bfloat16
-    """
-    if device is None:
-        dev = torch.get_default_device()
-    elif isinstance(device, bool) or not isinstance(device, torch.device | str | int):
-        raise TypeError(
-            f"device must be a torch.device, a device string or a CUDA index, got {device!r} "
-            f"of type {type(device).__name__}"
-        )
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as err:
-            raise ValueError(
-                f"invalid device {device!r}: {err}; use e.g. 'cpu', 'cuda', 'cuda:0' or 0"
-            ) from None
-    if dev.type == "cpu":
-        return _BF16
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return _F16
-        if torch.version.hip is not None:  # ROCm: ask torch for the current device
-            return _BF16 if torch.cuda.is_bf16_supported(including_emulation=False) else _F16
-        major, _ = torch.cuda.get_device_capability(dev)  # this device, not the current one
-        return _BF16 if major >= 8 else _F16  # native bfloat16 from Ampere (sm_80) on
-    return _F16

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from polprec import _tree
-from polprec.apply import _device_type, _params_for_compute, _policy_context
-from polprec.policy import Policy, get_policy
+from polprec.policy import Policy, PolicySpec, get_policy
 
 __all__ = ["PolicyRules"]
 
@@ -92,7 +91,7 @@ class PolicyRules:
 
     def __init__(
         self,
-        default: Policy | int | str | None,
+        default: PolicySpec,
         rules: Mapping[Key, Any] | Iterable[tuple[Key, Any]] | None = None,
         *,
         on_unmatched: Literal["error", "warn", "ignore"] = "error",
@@ -214,13 +213,6 @@ class PolicyRules:
 
     # --- casting and applying ------------------------------------------------------------
 
-    def _map_named(self, tree: Any, fn: Callable[[str, Any], Any]) -> Any:
-        if isinstance(tree, tuple) and all(isinstance(t, Mapping) for t in tree):
-            return tuple(self._map_named(t, fn) for t in tree)  # functional_call's tuple form
-        paths, leaves, spec = _tree.tree_flatten_with_path(tree)
-        out = [fn(".".join(str(k) for k in p), x) for p, x in zip(paths, leaves, strict=True)]
-        return _tree.tree_unflatten(spec, out)
-
     def cast_params(self, params: Any, *, module: nn.Module | None = None) -> Any:
         """Cast each parameter to the param dtype its rules give it.
 
@@ -241,59 +233,16 @@ class PolicyRules:
             if best is not None:
                 policy = best[1]
             elif plan is not None:
-                policy = plan.get(_owner(name, plan), self.default)
+                policy = plan.get(owner(name, plan), self.default)
             else:
                 owner_rule = self._best(name.rpartition(".")[0], None, param=False)
                 policy = owner_rule[1] if owner_rule else self.default
             return policy.cast_to_param(x)
 
-        return self._map_named(params, cast)
-
-    def _apply(
-        self,
-        module: nn.Module,
-        params_and_buffers: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        strict: bool,
-        tie_weights: bool,
-    ) -> Any:
-        plan = self.resolve(module)
-        root = plan[""]
-        args, kwargs = root.cast_to_compute((args, kwargs))
-        device_type = _device_type(params_and_buffers, args, kwargs)
-        params = self._map_named(
-            params_and_buffers,
-            lambda name, x: _params_for_compute(plan.get(_owner(name, plan), root), x),
-        )
-        wrapped = []
-        if any(policy != root for policy in plan.values()):  # without islands, no wrapping
-            for path, sub in module.named_modules():
-                policy = plan[path]
-                if not path:
-                    continue
-                if policy != plan[path.rpartition(".")[0]]:
-                    wrapped.append((sub, _module_call(sub, policy, device_type, island=True)))
-                elif not policy.is_mixed:
-                    wrapped.append((sub, _module_call(sub, policy, device_type, island=False)))
-        saved = [(sub, sub.__dict__.get("_call_impl")) for sub, _ in wrapped]
-        try:
-            for sub, call in wrapped:
-                object.__setattr__(sub, "_call_impl", call)
-            with _policy_context(root, device_type):
-                out = torch.func.functional_call(
-                    module, params, args, kwargs, strict=strict, tie_weights=tie_weights
-                )
-        finally:
-            for sub, previous in saved:
-                if previous is None:
-                    sub.__dict__.pop("_call_impl", None)
-                else:
-                    object.__setattr__(sub, "_call_impl", previous)
-        return root.cast_to_output(out)
+        return map_named(params, cast)
 
 
-def _owner(name: str, plan: Mapping[str, Policy]) -> str:
+def owner(name: str, plan: Mapping[str, Policy]) -> str:
     """The deepest module path in ``plan`` that owns the tensor called ``name``."""
     owner = name.rpartition(".")[0]
     while owner and owner not in plan:
@@ -306,30 +255,10 @@ def _named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     yield from module.named_buffers()
 
 
-def _module_call(
-    sub: nn.Module, policy: Policy, device_type: str, *, island: bool
-) -> Callable[..., Any]:
-    """``sub``'s call with its floating inputs cast to ``policy``'s compute dtype.
-
-    An island (a module whose policy differs from its parent's) also gets autocast set for
-    its policy and its floating outputs cast to its output dtype. Other modules under a
-    policy without autocast only get the input cast, so that an island's output in another
-    dtype meets the dtype its next consumer computes in. The wrapper replaces the instance's
-    ``_call_impl``, so forward hooks see what the module computes on (the cast inputs, the
-    output before the cast to the output dtype).
-    """
-    previous = sub.__dict__.get("_call_impl")
-    unbound: Callable[..., Any] = type(sub)._call_impl
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return previous(*args, **kwargs) if previous is not None else unbound(sub, *args, **kwargs)
-
-    def call_impl(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = policy.cast_to_compute((args, kwargs))
-        if not island:
-            return call(*args, **kwargs)
-        with _policy_context(policy, device_type):
-            out = call(*args, **kwargs)
-        return policy.cast_to_output(out)
-
-    return call_impl
+def map_named(tree: Any, fn: Callable[[str, Any], Any]) -> Any:
+    """Map ``fn(dotted_path, leaf)`` over ``tree`` (or over a tuple of dicts)."""
+    if isinstance(tree, tuple) and all(isinstance(t, Mapping) for t in tree):
+        return tuple(map_named(t, fn) for t in tree)  # functional_call's tuple form
+    paths, leaves, spec = _tree.tree_flatten_with_path(tree)
+    out = [fn(".".join(str(k) for k in p), x) for p, x in zip(paths, leaves, strict=True)]
+    return _tree.tree_unflatten(spec, out)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from polprec import _tree
-from polprec.policy import Policy, get_policy, parse_dtype
-
-if TYPE_CHECKING:
-    from polprec.rules import PolicyRules
+from polprec.policy import PolicySpec, get_policy, parse_dtype
+from polprec.rules import PolicyRules
 
 __all__ = ["all_finite", "cast_params", "cast_tree", "select_tree", "stack_trees"]
 
@@ -35,7 +33,7 @@ def cast_tree(tree: Any, dtype: torch.dtype | str) -> Any:
 
 
 def cast_params(
-    params: Any, policy: Policy | PolicyRules | int | str, *, module: nn.Module | None = None
+    params: Any, policy: PolicySpec | PolicyRules, *, module: nn.Module | None = None
 ) -> Any:
     """Cast ``params`` to the policy's parameter dtype (``policy.cast_to_param(params)``).
 
@@ -53,8 +51,6 @@ def cast_params(
         >>> cast_params(params, "bf16-true")["weight"].dtype
         torch.bfloat16
     """
-    from polprec.rules import PolicyRules
-
     if isinstance(policy, PolicyRules):
         return policy.cast_params(params, module=module)
     if module is not None and not isinstance(module, nn.Module):

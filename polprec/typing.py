@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-from polprec.policy import Policy
+from polprec.policy import PolicySpec
 
 __all__ = ["Params", "PolicySpec", "TensorTree"]
 
@@ -12,5 +12,3 @@ __all__ = ["Params", "PolicySpec", "TensorTree"]
 TensorTree: TypeAlias = Any
 #: A pytree of parameters, e.g. ``dict(model.named_parameters())``.
 Params: TypeAlias = Any
-#: Anything :func:`polprec.get_policy` accepts.
-PolicySpec: TypeAlias = Policy | int | str | None

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import polprec as pp
+from polprec._catalogue import SPEC_NAMES
 from polprec.cli import main
-from polprec.policy import _NAMED_SPECS, CLI_ENV_VAR, ENV_VAR
+from polprec.policy import CLI_ENV_VAR, ENV_VAR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,11 +149,11 @@ def test_policies_table_lists_every_fabric_value_with_its_dtypes() -> None:
         cells = line.split()
         if len(cells) >= 5 and cells[1] == "fabric":
             rows[cells[0]] = cells[2:5]
-    fabric = [k for k in _NAMED_SPECS if not k.startswith("mixed_")]
+    fabric = [k for k, s in SPEC_NAMES.items() if s.source == "fabric"]
     assert sorted(rows) == sorted(fabric)
     for spec, cells in rows.items():
         policy = pp.get_policy(spec)
-        assert cells == [str(d).removeprefix("torch.") for d in _NAMED_SPECS[spec]]
+        assert cells == [str(d).removeprefix("torch.") for d in SPEC_NAMES[spec].dtypes]
         assert cells == [
             str(d).removeprefix("torch.")
             for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)

@@ -14,8 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import polprec as pp
-from polprec import _tree
-from polprec.loss_scale import _unscale_and_check
+from polprec import _fused, _tree
 from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
 from polprec.testing import strategies as pst
 
@@ -218,7 +217,8 @@ def test_unscale_and_check_keeps_none_and_non_float_leaves() -> None:
 def test_owned_path_matches_the_pure_path(dtype: torch.dtype) -> None:
     grads = [torch.randn(5, dtype=dtype) * 64, torch.randn(2, 3).to(dtype)]
     pure, ok1 = pp.unscale_and_check(grads, pp.StaticLossScale(64))
-    owned, ok2 = _unscale_and_check([g.clone() for g in grads], pp.StaticLossScale(64), owned=True)
+    owned = [g.clone() for g in grads]
+    ok2 = _fused.unscale_(owned, torch.reciprocal(torch.tensor(64.0))) == 0
     assert_trees_all_close(pure, owned, rtol=0, atol=0)
     assert bool(ok1) == bool(ok2)
 
@@ -834,9 +834,7 @@ def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
 
 def test_unscale_where_the_fused_kernel_lacks_the_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     # As on CUDA, whose fused kernel has no bfloat16: those leaves take plain ops.
-    from polprec import loss_scale as ls
-
-    monkeypatch.setitem(ls._FUSED_UNSCALE_DTYPES, "cpu", (torch.float32,))
+    monkeypatch.setitem(_fused.UNSCALE_DTYPES, "cpu", (torch.float32,))
     grads = {"b": torch.tensor([8.0, 4.0], dtype=torch.bfloat16), "f": torch.tensor([2.0])}
     versions = {k: v._version for k, v in grads.items()}
     out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))

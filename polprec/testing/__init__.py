@@ -5,6 +5,7 @@ The strategies need ``hypothesis`` (``pip install polprec[testing]``); the asser
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from polprec.testing._assertions import (
@@ -28,7 +29,5 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "strategies":  # imported lazily: hypothesis is an optional dependency
-        import importlib
-
         return importlib.import_module("polprec.testing.strategies")
     raise AttributeError(f"module 'polprec.testing' has no attribute {name!r}")

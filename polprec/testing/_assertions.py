@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from polprec import _tree
-from polprec.policy import _DTYPE_NAMES, Policy, get_policy, parse_dtype
+from polprec._catalogue import DTYPE_NAMES
+from polprec.policy import Policy, PolicySpec, get_policy, parse_dtype
 
 __all__ = [
     "assert_matches_full_precision",
@@ -70,7 +71,7 @@ def assert_trees_all_close(
     expected: Any,
     *,
     dtype: torch.dtype | str | None = None,
-    policy: Policy | int | str | None = None,
+    policy: PolicySpec = None,
     rtol: float | None = None,
     atol: float | None = None,
 ) -> None:
@@ -172,7 +173,7 @@ def assert_trees_all_equal_dtypes(actual: Any, expected: Any) -> None:
         AssertionError: leaf [0]: dtype float32, expected float16
     """
     if isinstance(expected, torch.dtype) or (
-        isinstance(expected, str) and expected.strip().lower() in _DTYPE_NAMES
+        isinstance(expected, str) and expected.strip().lower() in DTYPE_NAMES
     ):
         want = parse_dtype(expected)
         paths, leaves, _ = _tree.tree_flatten_with_path(actual)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from polprec._catalogue import DTYPE_NAMES, FLOAT_DTYPES, GRAMMAR_KEYS, INT_SPECS, SPEC_NAMES
 from polprec.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
-from polprec.policy import _DTYPE_NAMES, _NAMED_SPECS, Policy, get_policy
+from polprec.policy import Policy, get_policy
 
 __all__ = [
     "Point",
@@ -33,7 +34,7 @@ __all__ = [
     "tensors",
 ]
 
-FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING_DTYPES = FLOAT_DTYPES
 
 #: A namedtuple used as a tree node by :func:`tensor_trees`.
 Point = collections.namedtuple("Point", ["x", "y"])
@@ -48,7 +49,7 @@ def floating_dtypes() -> st.SearchStrategy[torch.dtype]:
 
 def dtype_names() -> st.SearchStrategy[str]:
     """Every dtype name :func:`polprec.parse_dtype` accepts, in random case and padding."""
-    return st.tuples(st.sampled_from(sorted(_DTYPE_NAMES)), st.booleans(), st.booleans()).map(
+    return st.tuples(st.sampled_from(sorted(DTYPE_NAMES)), st.booleans(), st.booleans()).map(
         lambda t: (t[0].upper() if t[1] else t[0]) + (" " if t[2] else "")
     )
 
@@ -57,16 +58,16 @@ def policy_specs() -> st.SearchStrategy[Any]:
     """Every accepted spec form: Fabric/Keras values, ints, bare dtype names, jmp grammar."""
     grammar = st.lists(
         st.tuples(
-            st.sampled_from(["params", "p", "compute", "c", "output", "o"]),
+            st.sampled_from(sorted(GRAMMAR_KEYS)),
             dtype_names(),
         ),
         min_size=1,
         max_size=3,
-        unique_by=lambda kv: kv[0][0],
+        unique_by=lambda kv: GRAMMAR_KEYS[kv[0]],
     ).map(lambda kvs: ",".join(f"{k}={v.strip()}" for k, v in kvs))
     return st.one_of(
-        st.sampled_from(sorted(_NAMED_SPECS)),
-        st.sampled_from([16, 32, 64]),
+        st.sampled_from(sorted(SPEC_NAMES)),
+        st.sampled_from(sorted(INT_SPECS)),
         dtype_names(),
         grammar,
     )

@@ -1,0 +1,116 @@
+"""The one home of torch's private AMP and multi-tensor kernels, and of the choice to use them.
+
+torch's fused kernels (``_amp_foreach_non_finite_check_and_unscale_``, ``_amp_update_scale_``,
+``_foreach_*``) are fast but work in place and have no vmap batching rule and no derivative.
+polprec therefore takes them only in plain eager mode, on plain tensors nobody is
+differentiating, and always on buffers it owns (fresh gradients or copies), so that its
+functions stay pure. Everywhere else it uses plain tensor ops, which ``vmap`` batches,
+``torch.func.grad`` differentiates and inductor fuses. :func:`may_fuse` is that decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def transforms_active() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...)."""
+    return bool(torch._C._are_functorch_transforms_active())  # noqa: SLF001
+
+
+def tracing() -> bool:
+    """True while ``torch.compile`` traces or inside a ``torch.func`` transform."""
+    return torch.compiler.is_compiling() or transforms_active()
+
+
+def may_fuse(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused eager kernels may run on (copies of) ``tensors``.
+
+    Only in plain eager mode, when autograd is not recording through the tensors, and for
+    plain tensors or parameters (a subclass such as ``DTensor`` routes ops of its own).
+    """
+    if tracing():
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    return all(type(x) is torch.Tensor or type(x) is torch.nn.Parameter for x in tensors)
+
+
+def owned(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether freshly made ``tensors`` (gradients) may be overwritten in place.
+
+    They must be plain dense tensors and distinct: autograd can hand the same buffer to two
+    inputs (``(a + b).sum()``), which must not be unscaled twice.
+    """
+    ptrs = set()
+    for t in tensors:
+        if type(t) is not torch.Tensor or not t.is_contiguous():
+            return False
+        ptrs.add(t.data_ptr())
+    return len(ptrs) == len(tensors)
+
+
+def scaled(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x * factor`` in ``x``'s dtype for a 0-dim float32 ``factor``, in plain ops.
+
+    The elementwise kernels read a 0-dim operand as a float32 scalar, so the product is
+    computed in float32 and rounded once (a 2**-25 reciprocal is not flushed to zero for
+    float16). Only a 0-dim ``x`` is promoted by torch's rules; it is cast back.
+    """
+    y = x * factor
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def mul(tensors: Sequence[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
+    """``x * factor`` for every ``x`` in one multi-tensor launch, each in its own dtype."""
+    products = torch._foreach_mul(list(tensors), factor)  # noqa: SLF001
+    return [
+        y if y.dtype == x.dtype else y.to(x.dtype) for x, y in zip(tensors, products, strict=True)
+    ]
+
+
+# The dtypes torch's fused check-and-unscale kernel implements, per device type (its CUDA
+# kernel has no bfloat16); other groups take the plain-op path in unscale_.
+UNSCALE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.float32, torch.float64),
+}
+
+
+def unscale_(tensors: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
+    """Multiply ``tensors`` by ``inv_scale`` in place and check them, one group per device/dtype.
+
+    Only for buffers the caller owns. Returns ``found_inf``: a 0-dim float32 tensor, 0 when
+    every element was finite.
+    """
+    first = tensors[0]
+    if all(x.dtype == first.dtype and x.device == first.device for x in tensors):
+        groups = {(first.device, first.dtype): list(tensors)}  # the common case: one group
+    else:
+        groups = {}
+        for x in tensors:
+            groups.setdefault((x.device, x.dtype), []).append(x)
+    found = []
+    for (device, dtype), group in groups.items():
+        if dtype in UNSCALE_DTYPES.get(device.type, ()):
+            found_inf = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
+        else:  # the same in plain ops, where the kernel lacks this dtype or device type
+            all_finite = torch.stack([torch.isfinite(x).all() for x in group]).all()
+            torch._foreach_mul_(group, inv_scale.to(device))
+            found_inf = torch.logical_not(all_finite).to(torch.float32)
+        found.append(found_inf)
+    if len(found) == 1:
+        return found[0]
+    return torch.stack([f.to(found[0].device) for f in found]).sum()
+
+
+def update_scale(
+    scale: torch.Tensor, counter: torch.Tensor, found_inf: torch.Tensor, factor: float, period: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradScaler's fused scale update, on copies of ``scale`` and ``counter``."""
+    scale, counter = scale.clone(), counter.clone()
+    torch._amp_update_scale_(scale, counter, found_inf, factor, 1.0 / factor, period)
+    return scale, counter

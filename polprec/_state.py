@@ -1,0 +1,134 @@
+"""Immutable states that are pytrees: tensor children and static settings, declared once.
+
+A state class is a frozen dataclass deriving from :class:`State`. Each field is a pytree
+child (a tensor that changes from step to step) unless it is declared with
+:func:`static_field` (a setting that never changes). ``vmap``, ``torch.func.grad``,
+``torch.compile`` and :func:`polprec.stack_trees` see the children as leaves and carry the
+settings through every flatten/unflatten, unlike jmp's states. The same declaration drives
+``to(device)`` and the state-dict round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from polprec import _tree
+
+_S = TypeVar("_S", bound="State")
+
+
+def static_field(**kwargs: Any) -> Any:
+    """A dataclass field that is static metadata of the pytree, not a child."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+# (children, static) field names of every state class, filled in when the class is created:
+# a plain dict lookup, which torch.compile traces without a graph break.
+_LAYOUTS: dict[type[Any], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _declare(cls: type[State]) -> None:
+    """Record ``cls``'s layout: its bases' fields, then its own annotated ones in order.
+
+    This runs in ``__init_subclass__``, before ``@dataclass`` has processed the class: the
+    class body still holds the :func:`static_field` markers.
+    """
+    base = next(b for b in cls.__mro__[1:] if b in _LAYOUTS or b is State)
+    children, static = _LAYOUTS.get(base, ((), ()))
+    for name, annotation in inspect.get_annotations(cls).items():
+        if name in children or name in static or str(annotation).startswith("ClassVar"):
+            continue
+        marker = cls.__dict__.get(name)
+        if isinstance(marker, dataclasses.Field) and marker.metadata.get("static"):
+            static = (*static, name)
+        else:
+            children = (*children, name)
+    _LAYOUTS[cls] = (children, static)
+
+
+def _layout(cls: type[State]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return _LAYOUTS[cls]
+
+
+def _flatten(obj: State) -> tuple[list[Any], tuple[Any, ...]]:
+    children, static = _layout(type(obj))
+    return [getattr(obj, n) for n in children], tuple(getattr(obj, n) for n in static)
+
+
+def rebuild(cls: type[_S], children: Any, static: Any) -> _S:
+    """A state from its children and settings, unvalidated.
+
+    vmap and stacking rebuild states from batched or stacked tensors, which the
+    constructor's checks would reject or would need a host synchronisation to check.
+    """
+    names, static_names = _layout(cls)
+    obj = object.__new__(cls)
+    for name, value in zip(names, children, strict=True):
+        object.__setattr__(obj, name, value)
+    for name, value in zip(static_names, static, strict=True):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+class State:
+    """Base of polprec's pytree states (pytree registration, ``to``, state dicts)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _declare(cls)
+        _tree.register_node(cls, _flatten, lambda children, static: rebuild(cls, children, static))
+
+    def _replace(self: _S, **children: Any) -> _S:
+        """A copy with some children replaced (unvalidated, like a pytree rebuild)."""
+        leaves, static = _flatten(self)
+        names = _layout(type(self))[0]
+        values = dict(zip(names, leaves, strict=True))
+        values.update(children)
+        return rebuild(type(self), [values[n] for n in names], static)
+
+    def to(self: _S, device: torch.device | str) -> _S:
+        """A copy of this state with its tensors on ``device``."""
+        leaves, static = _flatten(self)
+        return rebuild(
+            type(self), [_tree.tree_map(lambda t: t.to(device), x) for x in leaves], static
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and settings as a dict that survives ``torch.load(weights_only=True)``."""
+        children, static = _layout(type(self))
+        out: dict[str, Any] = {"type": type(self).__name__}
+        for name in children:
+            out[name] = _tree.tree_map(lambda t: t.detach().clone(), getattr(self, name))
+        out.update((name, getattr(self, name)) for name in static)
+        return out
+
+    @classmethod
+    def from_state_dict(cls: type[_S], state_dict: Mapping[str, Any]) -> _S:
+        """Rebuild a state from :meth:`state_dict`'s output (validated)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
+                "output of state_dict()"
+            )
+        kind = state_dict.get("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
+        children, static = _layout(cls)
+        fields = set(children) | set(static)
+        missing = sorted(fields - set(state_dict))
+        unknown = sorted(set(state_dict) - fields - {"type"})
+        if missing or unknown:
+            raise ValueError(
+                f"state_dict for {cls.__name__} has missing keys {missing} and unknown keys "
+                f"{unknown}; expected keys {sorted(fields | {'type'})}"
+            )
+        return cls(**{k: state_dict[k] for k in fields})
+
+    def load_state_dict(self: _S, state_dict: Mapping[str, Any]) -> _S:
+        """A new state built from ``state_dict`` (this one is unchanged)."""
+        return type(self).from_state_dict(state_dict)
