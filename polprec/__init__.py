@@ -8,6 +8,7 @@ and ``torch.compile``.
 from __future__ import annotations
 
 from polprec.apply import apply_with_policy, autocast, full_precision
+from polprec.clip import clip_by_global_norm
 from polprec.devices import half_dtype
 from polprec.distributed import all_finite_across, to_fsdp_mixed_precision
 from polprec.grad import value_and_grad
@@ -38,6 +39,7 @@ __all__ = [
     "autocast",
     "cast_params",
     "cast_tree",
+    "clip_by_global_norm",
     "default_loss_scale",
     "full_precision",
     "get_policy",

@@ -114,3 +114,33 @@ def update_scale(
     scale, counter = scale.clone(), counter.clone()
     torch._amp_update_scale_(scale, counter, found_inf, factor, 1.0 / factor, period)
     return scale, counter
+
+
+def accumulate(
+    acc: list[torch.Tensor], grads: list[torch.Tensor], *, owned: bool
+) -> list[torch.Tensor]:
+    """``acc + grads`` in float32, the sum of gradients over micro-batches.
+
+    An empty ``acc`` starts the sum. With ``owned`` (fresh eager gradients) the sum is kept
+    in place in buffers polprec made, in one multi-tensor launch per step.
+    """
+    if not acc:
+        return [g if owned and g.dtype == torch.float32 else g.float() for g in grads]
+    if owned:
+        torch._foreach_add_(acc, grads)
+        return acc
+    return [a + g.float() for a, g in zip(acc, grads, strict=True)]
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm of ``dtype`` values is accumulated in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def norms(tensors: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
+    """The ``ord``-norm of every tensor in at least float32: one launch per device and dtype."""
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        out = torch._foreach_norm(list(tensors), ord, dtype=norm_dtype(first.dtype))  # noqa: SLF001
+        return list(out)
+    return [torch.linalg.vector_norm(t, ord, dtype=norm_dtype(t.dtype)) for t in tensors]

@@ -1,4 +1,8 @@
-"""``value_and_grad``: one call that scales, differentiates, unscales, checks and adjusts."""
+"""``value_and_grad``: one call that scales, differentiates, unscales, checks and adjusts.
+
+With ``microbatches=k`` it is also gradient accumulation: the batch is split into ``k``
+chunks, their scaled gradients are summed in float32, and the loss scale is adjusted once.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,17 @@ from typing import Any
 import torch
 
 from polprec import _fused, _tree
+from polprec._checks import check_int
 from polprec.distributed import all_finite_across, check_process_group
-from polprec.loss_scale import LossScale, NoOpLossScale, check_loss_scale
+from polprec.loss_scale import (
+    DynamicLossScale,
+    LossScale,
+    NoOpLossScale,
+    StaticLossScale,
+    check_loss_scale,
+)
 from polprec.scaling import scale_loss, unscale_and_check
+from polprec.tree import stack_trees
 
 __all__ = ["value_and_grad"]
 
@@ -37,8 +49,53 @@ def _split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
     return loss, aux
 
 
+def _check_loss_scale_arg(loss_scale: Any, args: tuple[Any, ...]) -> LossScale:
+    """The ``loss_scale=`` keyword, or an error that says how to pass it."""
+    if loss_scale is None:
+        if args and isinstance(args[-1], NoOpLossScale | StaticLossScale | DynamicLossScale):
+            raise TypeError(
+                f"loss_scale was given as positional argument {len(args)} after params; pass "
+                "it by keyword: grad_fn(params, *batch, loss_scale=state)"
+            )
+        raise TypeError(
+            "the function value_and_grad returns needs loss_scale=<state>, got loss_scale=None: "
+            "start from loss_scale=pp.default_loss_scale(policy) (pp.NoOpLossScale() for no "
+            "scaling) and pass on the state each call returns"
+        )
+    return check_loss_scale(loss_scale)
+
+
+def _argument_name(path: tuple[Any, ...]) -> str:
+    where, key, *rest = path
+    name = f"positional argument {key}" if where == 0 else f"keyword argument {key!r}"
+    return name + (f" at {_tree.path_str(rest)}" if rest else "")
+
+
+def _split(args: tuple[Any, ...], kwargs: dict[str, Any], k: int) -> list[Any]:
+    """``k`` ``(args, kwargs)`` chunks: every tensor with a leading dim split along it."""
+    paths, leaves, spec = _tree.tree_flatten_with_path((args, kwargs))
+    columns: list[list[Any]] = []
+    for path, leaf in zip(paths, leaves, strict=True):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            size = leaf.shape[0]
+            if size % k:
+                raise ValueError(
+                    f"microbatches={k} cannot split {_argument_name(path)}: its leading "
+                    f"dimension {size} is not divisible by {k}; use a batch size that is a "
+                    f"multiple of {k} or another number of micro-batches"
+                )
+            columns.append(list(leaf.reshape(k, size // k, *leaf.shape[1:]).unbind(0)))
+        else:  # 0-dim tensors and other values are the same in every chunk
+            columns.append([leaf] * k)
+    return [_tree.tree_unflatten(spec, [col[i] for col in columns]) for i in range(k)]
+
+
 def value_and_grad(
-    loss_fn: Callable[..., Any], *, has_aux: bool = False, process_group: Any = None
+    loss_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    microbatches: int = 1,
+    process_group: Any = None,
 ) -> Callable[..., tuple[Any, Any, torch.Tensor, LossScale]]:
     """Turn ``loss_fn(params, *args, **kwargs)`` into a mixed-precision gradient function.
 
@@ -55,6 +112,19 @@ def value_and_grad(
     of the parameters (the same gradients, without the functorch wrapper overhead) and
     unscales the fresh gradients with torch's fused AMP kernel.
 
+    Gradient accumulation: with ``microbatches=k > 1`` every tensor argument with a leading
+    dimension (at any depth of ``args`` and ``kwargs``) is split along it into ``k`` equal
+    chunks (a ``ValueError`` names an argument whose size ``k`` does not divide; 0-dim
+    tensors and other values go to every chunk as they are). Each chunk's loss is divided by
+    ``k`` and scaled, as ``scaler.scale(loss / k).backward()`` does; the chunks' scaled
+    gradients are summed in float32, unscaled and checked once, and returned in each
+    parameter's dtype; ``loss`` is the mean of the chunks' losses; the loss scale is
+    adjusted once. For a mean loss the gradients equal the full batch's, and the loss
+    scale follows ``torch.amp.GradScaler``'s trajectory with one ``update()`` per call. With
+    ``has_aux=True``, ``aux`` is the chunks' aux stacked along a new leading dimension of
+    size ``k`` (:func:`polprec.stack_trees`: tensor leaves stacked, other leaves equal in
+    every chunk).
+
     With ``process_group=`` a ``torch.distributed.ProcessGroup`` (e.g.
     ``torch.distributed.group.WORLD``), ``grads_finite`` is agreed across the group's ranks
     (:func:`polprec.all_finite_across`) before the loss scale is adjusted: every rank then
@@ -65,25 +135,31 @@ def value_and_grad(
     Examples:
         >>> import torch
         >>> from polprec import DynamicLossScale
-        >>> def loss_fn(params, x):
-        ...     return (params["w"] * x).sum()
+        >>> def loss_fn(params, x, y):
+        ...     return ((x @ params["w"] - y) ** 2).mean()
         >>> step = value_and_grad(loss_fn)
-        >>> params = {"w": torch.ones(3)}
-        >>> loss, grads, finite, scale = step(params, torch.arange(3.0), loss_scale=DynamicLossScale())
+        >>> params = {"w": torch.ones(2)}
+        >>> x, y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([2.0, 8.0])
+        >>> loss, grads, finite, scale = step(params, x, y, loss_scale=DynamicLossScale())
         >>> loss, grads["w"], finite
-        (tensor(3.), tensor([0., 1., 2.]), tensor(True))
+        (tensor(1.), tensor([-2., -2.]), tensor(True))
+        >>> accumulate = value_and_grad(loss_fn, microbatches=2)  # two chunks of one example
+        >>> loss, grads, finite, scale = accumulate(params, x, y, loss_scale=scale)
+        >>> loss, grads["w"], int(scale.counter)  # one adjust per call
+        (tensor(1.), tensor([-2., -2.]), 2)
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be a bool, got {has_aux!r}")
+    k = check_int("microbatches", microbatches, minimum=1)
     if process_group is not None:
         check_process_group(process_group, "process_group")
 
     def grad_fn(
-        params: Any, *args: Any, loss_scale: LossScale, **kwargs: Any
+        params: Any, *args: Any, loss_scale: LossScale | None = None, **kwargs: Any
     ) -> tuple[Any, Any, torch.Tensor, LossScale]:
-        check_loss_scale(loss_scale)
+        loss_scale = _check_loss_scale_arg(loss_scale, args)
         leaves, spec = _tree.tree_flatten(params)
         idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff = [leaves[i] for i in idx]
@@ -94,35 +170,28 @@ def value_and_grad(
                 full[i] = x
             return _tree.tree_unflatten(spec, full)
 
-        eager = not _fused.tracing()
-        if eager:
-            inputs = [x.detach().requires_grad_() for x in diff]
-            with torch.enable_grad():
-                loss, aux = _split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
-                scaled = scale_loss(loss, loss_scale)
-                got = torch.autograd.grad(scaled, inputs, allow_unused=True)
-            dgrads = [
-                torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)
-            ]
-            loss = loss.detach()
-            aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
-            owned = _fused.owned(dgrads)
-        else:
+        def scaled_grads(
+            a: tuple[Any, ...], kw: dict[str, Any]
+        ) -> tuple[torch.Tensor, Any, list[torch.Tensor], bool]:
+            return _scaled_grads(loss_fn, rebuild, diff, a, kw, loss_scale, has_aux, k)
 
-            def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-                loss, aux = _split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
-                # torch.func's aux may hold only tensors: pass `aux` on only when there is one.
-                return scale_loss(loss, loss_scale), ((loss, aux) if has_aux else (loss,))
-
-            dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
-            loss, aux = out if has_aux else (out[0], None)
-            owned = False
-        if owned and dgrads and not isinstance(loss_scale, NoOpLossScale):
-            # fresh eager gradients nobody else holds: unscaled in place, one fused pass
-            inv = torch.reciprocal(loss_scale.loss_scale)
-            finite = _fused.unscale_(dgrads, inv) == 0
+        if k == 1:
+            loss, aux, dgrads, owned = scaled_grads(args, kwargs)
+            dgrads, finite = _unscale(dgrads, loss_scale, owned)
         else:
-            dgrads, finite = unscale_and_check(dgrads, loss_scale)
+            losses, auxes = [], []
+            acc: list[torch.Tensor] = []
+            acc_owned = True  # the sum is kept in buffers of our own while every chunk's are
+            for a, kw in _split(args, kwargs, k):
+                loss, aux, dgrads, owned = scaled_grads(a, kw)
+                losses.append(loss)
+                auxes.append(aux)
+                acc_owned = acc_owned and owned
+                acc = _fused.accumulate(acc, dgrads, owned=acc_owned)
+            acc, finite = _unscale(acc, loss_scale, acc_owned)
+            dgrads = [g.to(x.dtype) for g, x in zip(acc, diff, strict=True)]
+            loss = torch.stack([x.float() for x in losses]).mean().to(losses[0].dtype)
+            aux = stack_trees(auxes) if has_aux else None
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
         grads_full: list[Any] = [None] * len(leaves)
@@ -133,3 +202,48 @@ def value_and_grad(
         return ((loss, aux) if has_aux else loss), grads, finite, new_scale
 
     return grad_fn
+
+
+def _scaled_grads(
+    loss_fn: Callable[..., Any],
+    rebuild: Callable[[Any], Any],
+    diff: list[torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loss_scale: LossScale,
+    has_aux: bool,
+    k: int,
+) -> tuple[torch.Tensor, Any, list[torch.Tensor], bool]:
+    """``(loss, aux, scaled gradients of loss / k, whether the gradients are ours to overwrite)``."""
+
+    def scale(loss: torch.Tensor) -> torch.Tensor:
+        return scale_loss(loss if k == 1 else loss / k, loss_scale)
+
+    if not _fused.tracing():
+        inputs = [x.detach().requires_grad_() for x in diff]
+        with torch.enable_grad():
+            loss, aux = _split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
+            got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
+        dgrads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
+        aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
+        return loss.detach(), aux, dgrads, _fused.owned(dgrads)
+
+    def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        loss, aux = _split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
+        # torch.func's aux may hold only tensors: pass `aux` on only when there is one.
+        return scale(loss), ((loss, aux) if has_aux else (loss,))
+
+    dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
+    loss, aux = out if has_aux else (out[0], None)
+    return loss, aux, dgrads, False
+
+
+def _unscale(
+    grads: list[torch.Tensor], loss_scale: LossScale, owned: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    if owned and grads and not isinstance(loss_scale, NoOpLossScale):
+        # fresh eager gradients nobody else holds: unscaled in place, one fused pass
+        finite = _fused.unscale_(grads, torch.reciprocal(loss_scale.loss_scale)) == 0
+        return grads, finite
+    out, finite = unscale_and_check(grads, loss_scale)
+    return list(out), finite
