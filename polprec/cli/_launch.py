@@ -116,6 +116,5 @@ def launch(
         code = failure.exitcode
         how = f"exited with status {code}" if code > 0 else f"was killed by {failure.signal_name()}"
         print(f"polprec run: rank {rank} of {processes * num_nodes} {how}", file=sys.stderr)
-        status = code if code > 0 else 128 - code
-        return status
+        return code if code > 0 else 128 - code
     return 0
