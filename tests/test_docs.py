@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import socket
@@ -198,6 +199,37 @@ def test_plot_on_the_loss_scaling_page_exists() -> None:
     for image in images:
         path = (DOCS / "concepts" / image).resolve()
         assert path.is_file() and path.stat().st_size < 300_000, image
+
+
+def test_docs_extension_needs_only_the_docs_extra() -> None:
+    # mkdocs loads docs/_ext/rst_roles.py; the docs extra alone must be enough, so the
+    # extension reads the documented names from the sources. Here hypothesis (the testing
+    # extra) and polprec itself cannot be imported at all.
+    pytest.importorskip("griffe", reason='the docs extra: pip install -e ".[docs]"')
+    code = textwrap.dedent(
+        """
+        import json, sys
+        for name in ("hypothesis", "polprec", "torch"):
+            sys.modules[name] = None  # any import of them raises ImportError
+        sys.path.insert(0, sys.argv[1])
+        import rst_roles
+        print(json.dumps(rst_roles.RstRoles()._targets))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(DOCS / "_ext")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)
+    expected: dict[str, str] = {}
+    for module in (polprec, polprec.testing, polprec.testing.strategies):
+        for name in module.__all__:
+            expected.setdefault(name, f"{module.__name__}.{name}")
+    assert targets == expected
 
 
 @pytest.mark.slow
