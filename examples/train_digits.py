@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from _common import (
     Digits,
+    Progress,
     accuracy,
     adam_init,
     adam_update,
@@ -48,7 +49,6 @@ from _common import (
     threads,
 )
 from torch import nn
-from tqdm import tqdm
 
 import polprec as pp
 
@@ -118,7 +118,7 @@ def train(
     )
     losses, scales, finites, seconds = [], [], [], []
     plan = batches(len(data.y_train), args.batch_size, args.steps, args.seed)
-    bar = tqdm(plan, desc=name, disable=args.quiet, leave=False)
+    bar = Progress(plan, desc=name, quiet=args.quiet)
     for i, idx in enumerate(bar):
         x, y = data.x_train[idx], data.y_train[idx]
         start = time.perf_counter()

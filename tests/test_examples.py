@@ -6,6 +6,8 @@ import contextlib
 import importlib
 import io
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -86,6 +88,46 @@ def test_train_digits_compare_matches_float32_and_shows_underflow() -> None:
         assert math.log2(row["final scale"]).is_integer()
         assert row["final scale"] >= 2.0**15 or row["skipped"] > 0
     assert stalled["final scale"] == 1.0 and stalled["skipped"] == 0
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    common = load("_common")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = common.Progress(range(4), desc="run", stream=stream, interval=0.0)
+        assert list(bar) == [0, 1, 2, 3]
+        bar.set_postfix(loss="0.5")
+        bar.close()
+    assert "\r" in terminal.getvalue()  # tqdm redraws its bar
+    assert "\r" not in log.getvalue()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("run: step 1/4 in ") and lines[-1].startswith("run: done 4/4 in ")
+    assert len(lines) == 5
+    quiet = io.StringIO()
+    assert list(common.Progress(range(3), desc="q", quiet=True, stream=quiet)) == [0, 1, 2]
+    assert quiet.getvalue() == ""
+
+
+def test_example_logs_lines_not_bars_when_stderr_is_a_pipe() -> None:
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
+    argv = ["--precision", "bf16-mixed", "--steps", "60", "--hidden", "16"]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_digits.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert "\r" not in result.stderr  # no carriage-return bars in a log
+    (line,) = result.stderr.splitlines()  # 60 quick steps: only the closing line
+    assert line.startswith("bf16-mixed, NoOpLossScale: done 60/60 in ")
+    assert "| bf16-mixed |" in result.stdout
 
 
 def test_train_digits_single_run_reads_env_and_plots(
