@@ -8,16 +8,16 @@ public function is run once more to check that it never modifies its inputs.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from helpers import assert_unchanged, snapshot
 from torch import nn
 
 import polprec as pp
-from polprec import _tree, testing
+from polprec import testing
 
 LIN = nn.Linear(3, 2)
 PARAMS = {k: v.detach() for k, v in LIN.named_parameters()}
@@ -279,28 +279,6 @@ def test_audit_is_large_enough() -> None:
 # --- purity ---------------------------------------------------------------------------------
 
 
-def _snapshot(tree: Any) -> tuple[Any, list[Any], list[int]]:
-    leaves = _tree.tree_leaves(tree)
-    return (
-        copy.copy(tree) if isinstance(tree, dict | list) else tree,
-        [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves],
-        [x._version if isinstance(x, torch.Tensor) else -1 for x in leaves],
-    )
-
-
-def _unchanged(tree: Any, snap: tuple[Any, list[Any], list[int]]) -> None:
-    shallow, values, versions = snap
-    leaves = _tree.tree_leaves(tree)
-    assert [x._version if isinstance(x, torch.Tensor) else -1 for x in leaves] == versions
-    for x, v in zip(leaves, values, strict=True):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x.nan_to_num(), v.nan_to_num())
-    if isinstance(tree, dict):
-        assert list(tree.items()) == list(shallow.items())  # same keys, same objects
-    if isinstance(tree, list):
-        assert all(a is b for a, b in zip(tree, shallow, strict=True))
-
-
 def _inputs() -> dict[str, Any]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
@@ -370,7 +348,7 @@ def _calls(d: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[Any]]]:
 def test_public_functions_do_not_modify_inputs(index: int) -> None:
     d = _inputs()
     _, call, watched = _calls(d)[index]
-    snaps = [_snapshot(t) for t in watched]
+    snaps = [snapshot(t) for t in watched]
     call()
     for tree, snap in zip(watched, snaps, strict=True):
-        _unchanged(tree, snap)
+        assert_unchanged(tree, snap)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port, load_digits
 from torch import nn
 
 import polprec as pp
@@ -31,12 +31,6 @@ _BATCH = 64  # per step, split evenly over the ranks
 
 
 # --- process harness ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _entry(
@@ -61,7 +55,7 @@ def _spawn(worker: Callable[[int, Any], Any], tmp_path: Path, data: Any) -> list
     """Run ``worker(rank, data)`` on two gloo ranks; return each rank's result (rank order)."""
     ctx = mp.start_processes(
         _entry,
-        args=(worker, _free_port(), str(tmp_path), data),
+        args=(worker, free_port(), str(tmp_path), data),
         nprocs=_WORLD,
         join=False,
         start_method="spawn",
@@ -85,10 +79,7 @@ def _spawn(worker: Callable[[int, Any], Any], tmp_path: Path, data: Any) -> list
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs scaled to [0, 1] and labels; loaded here once and handed to the workers."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+    return load_digits()
 
 
 def _batch(x: torch.Tensor, y: torch.Tensor, step: int, rank: int | None = None) -> Any:

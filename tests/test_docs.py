@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port as _free_port
 
 import polprec
 import polprec.testing
@@ -76,12 +76,6 @@ RUN_PAGES = [page for page, blocks in ALL_BLOCKS.items() if any(not b.not_run fo
 NOT_RUN = [b for blocks in ALL_BLOCKS.values() for b in blocks if b.not_run]
 # Pages whose code compiles a step: a few seconds of inductor each, so they count as slow.
 SLOW_PAGES = {DOCS / "guides" / "compile.md"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

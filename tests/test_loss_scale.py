@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, make_tree
+from helpers import trajectory
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -21,20 +22,11 @@ from polprec.testing import strategies as pst
 T, F = torch.tensor(True), torch.tensor(False)
 
 
-def _trajectory(state: Any, flags: list[bool]) -> tuple[list[float], list[int]]:
-    scales, counters = [], []
-    for flag in flags:
-        state = state.adjust(torch.tensor(flag))
-        scales.append(float(state.loss_scale))
-        counters.append(int(state.counter))
-    return scales, counters
-
-
 # --- jmp's numbers ----------------------------------------------------------------------
 
 
 def test_jmp_period_two_trajectory() -> None:
-    scales, counters = _trajectory(
+    scales, counters = trajectory(
         pp.DynamicLossScale(2.0**15, period=2), [True, True, True, False, True, True]
     )
     assert scales == [32768, 65536, 65536, 32768, 32768, 65536]
@@ -55,11 +47,11 @@ def test_inf_guard_and_max_loss_scale() -> None:
     big = pp.DynamicLossScale(2.0**127, period=1)
     assert float(big.adjust(T).loss_scale) == 2.0**127  # 2**128 is inf in float32
     capped = pp.DynamicLossScale(2.0**10, period=1, max_loss_scale=2.0**12)
-    scales, counters = _trajectory(capped, [True] * 5)
+    scales, counters = trajectory(capped, [True] * 5)
     assert scales == [2.0**11, 2.0**12, 2.0**12, 2.0**12, 2.0**12]
     assert counters == [0] * 5
     odd_cap = pp.DynamicLossScale(8.0, period=1, max_loss_scale=100.0)
-    assert _trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
+    assert trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
 
 
 def test_hysteresis_follows_megatron() -> None:
@@ -67,7 +59,7 @@ def test_hysteresis_follows_megatron() -> None:
     # then on every further overflow until the scale grows again.
     state = pp.DynamicLossScale(2.0**10, period=2, hysteresis=3)
     flags = [False, False, False, False, True, True, False, True, False, False]
-    scales, counters = _trajectory(state, flags)
+    scales, counters = trajectory(state, flags)
     assert scales == [1024, 1024, 512, 256, 256, 512, 512, 512, 512, 256]
     assert counters == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 
@@ -94,7 +86,7 @@ def test_hysteresis_matches_reference_implementation(
     flags: list[bool], period: int, h: int
 ) -> None:
     state = pp.DynamicLossScale(2.0**8, period=period, hysteresis=h)
-    assert _trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
+    assert trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
 
 
 # --- GradScaler parity --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from helpers import load_digits
 from torch import nn
 from torch.func import grad, vmap
 
@@ -226,9 +226,9 @@ def test_module_is_restored_after_an_exception() -> None:
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=F32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
+    """Shuffled 8x8 digit images (N, 1, 8, 8): 1400 to train on, the rest to test."""
+    x, y = load_digits()
+    x = x.view(-1, 1, 8, 8)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return x[:1400], y[:1400], x[1400:], y[1400:]

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, Pair, Registered, make_tree
+from helpers import float_leaves
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,10 +15,6 @@ import polprec as pp
 from polprec import _tree
 from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
 from polprec.testing import strategies as pst
-
-
-def _floats(tree: Any) -> list[torch.Tensor]:
-    return [x for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)]
 
 
 def test_cast_tree_over_shapes_and_dtypes(tree_shape: str, float_dtype: torch.dtype) -> None:
@@ -106,7 +103,7 @@ def test_widening_and_back_is_exact(tree: Any, data: st.DataObject) -> None:
         start = pp.cast_tree(tree, narrow)
         wide = data.draw(st.sampled_from(wider))
         back = pp.cast_tree(pp.cast_tree(start, wide), narrow)
-        for a, b in zip(_floats(start), _floats(back), strict=True):
+        for a, b in zip(float_leaves(start), float_leaves(back), strict=True):
             assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan()))
 
 
@@ -133,7 +130,7 @@ def test_all_finite_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
     tree = pp.cast_tree(make_tree(tree_shape), float_dtype)
     flag = pp.all_finite(tree)
     assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag)
-    floats = _floats(tree)
+    floats = float_leaves(tree)
     if floats:
         poisoned = _tree.tree_map(
             lambda x: x.clone().fill_(float("nan")) if x is floats[-1] else x, tree
