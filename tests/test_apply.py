@@ -1,4 +1,7 @@
-"""apply_with_policy, autocast, full_precision and value_and_grad under eager, grad, vmap, compile."""
+"""apply_with_policy, autocast, full_precision and value_and_grad under eager, grad, vmap, compile.
+
+Bad input to them: test_audit.py.
+"""
 
 from __future__ import annotations
 
@@ -278,58 +281,6 @@ def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
     )(x[None], y[None])
     assert_trees_all_close(loss_v[0], loss_e, dtype=torch.float32)
     assert_trees_all_close(_tree.tree_map(lambda g: g[0], grads_v), grads_e, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("call", "exc", "fragment"),
-    [
-        (lambda m, p: pp.apply_with_policy("model", p, policy="bf16"), TypeError, "nn.Module"),  # type: ignore[arg-type]
-        (lambda m, p: pp.apply_with_policy(m, [1], policy="bf16"), TypeError, "params_and_buffers"),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), kwargs=[1], policy="bf16"),
-            TypeError,
-            "kwargs",
-        ),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), policy="fp8"),
-            ValueError,
-            "accepted",
-        ),
-        (lambda m, p: pp.value_and_grad("f"), TypeError, "callable"),  # type: ignore[arg-type]
-        (lambda m, p: pp.value_and_grad(lambda q: q, has_aux=1), TypeError, "has_aux"),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"])(p, loss_scale=pp.NoOpLossScale()),
-            TypeError,
-            "scalar",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: (q["weight"].sum(), 1))(
-                p, loss_scale=pp.NoOpLossScale()
-            ),
-            TypeError,
-            "has_aux=True",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum(), has_aux=True)(
-                p, loss_scale=pp.NoOpLossScale()
-            ),
-            TypeError,
-            "(loss, aux)",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum())(p, loss_scale=1.0),
-            TypeError,
-            "DynamicLossScale",
-        ),
-        (lambda m, p: pp.autocast("bf16", device_type=0), TypeError, "device_type"),  # type: ignore[arg-type]
-        (lambda m, p: pp.full_precision()(3), TypeError, "callable"),  # type: ignore[arg-type]
-    ],
-)
-def test_bad_input(call: Any, exc: type[Exception], fragment: str) -> None:
-    model = nn.Linear(3, 2)
-    with pytest.raises(exc) as info:
-        call(model, dict(model.named_parameters()))
-    assert fragment in str(info.value)
 
 
 def test_bfloat16_params_halve_parameter_and_gradient_bytes(block: Block) -> None:

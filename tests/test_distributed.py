@@ -2,7 +2,8 @@
 
 The multi-process tests spawn two ranks on 127.0.0.1 with the gloo backend. Workers live at
 module level (spawn pickles them by name), write their results with ``torch.save`` and are
-killed if they outlive ``_TIMEOUT_S``.
+killed if they outlive ``_TIMEOUT_S``. Bad input to the distributed functions, and calls
+without a process group: test_audit.py.
 """
 
 from __future__ import annotations
@@ -363,45 +364,6 @@ def test_all_finite_across_refuses_to_run_inside_vmap(single_rank_group: Any) ->
         torch.func.vmap(pp.all_finite_across)(torch.tensor([True, False]))
 
 
-class _Fake(dist.ProcessGroup):
-    """A ProcessGroup object that no initialised default group stands behind."""
-
-    def __init__(self) -> None:
-        super().__init__(0, 1)
-
-
-def test_all_finite_across_without_init_process_group_says_so() -> None:
-    assert not dist.is_initialized()
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        pp.all_finite_across(torch.tensor(True))
-    with pytest.raises(RuntimeError, match="init_process_group"):
-        pp.unscale_and_check({"w": torch.ones(2)}, pp.StaticLossScale(2.0), process_group=_Fake())
-
-
-@pytest.mark.parametrize(
-    ("flag", "error", "match"),
-    [
-        (1, TypeError, "grads_finite must be a 0-dim torch.bool tensor.*got 1 of type int"),
-        (torch.tensor(1.0), ValueError, "dtype torch.float32"),
-        (torch.tensor([True, True]), ValueError, r"shape \(2,\)"),
-    ],
-)
-def test_all_finite_across_rejects_bad_flags(flag: Any, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
-        pp.all_finite_across(flag)
-
-
-@pytest.mark.parametrize("group", ["world", 0, [0, 1]])
-def test_bad_process_groups_are_rejected_naming_the_value(group: Any) -> None:
-    match = rf"must be a torch.distributed.ProcessGroup.*got {group!r}".replace("[", r"\[")
-    with pytest.raises(TypeError, match=match):
-        pp.all_finite_across(torch.tensor(True), group=group)
-    with pytest.raises(TypeError, match=match):
-        pp.value_and_grad(lambda p: p.sum(), process_group=group)
-    with pytest.raises(TypeError, match=match):
-        pp.unscale_and_check({"w": torch.ones(2)}, pp.NoOpLossScale(), process_group=group)
-
-
 @pytest.mark.parametrize(
     ("spec", "param", "reduce", "output"),
     [
@@ -422,13 +384,6 @@ def test_to_fsdp_mixed_precision_maps_compute_param_output(
         mp_policy = pp.to_fsdp_mixed_precision(given)
         assert mp_policy == MixedPrecisionPolicy(param, reduce, output, cast_forward_inputs=True)
     assert not pp.to_fsdp_mixed_precision(spec, cast_forward_inputs=False).cast_forward_inputs
-
-
-def test_to_fsdp_mixed_precision_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="float8"):
-        pp.to_fsdp_mixed_precision("float8")
-    with pytest.raises(TypeError, match="cast_forward_inputs must be a bool, got 'yes'"):
-        pp.to_fsdp_mixed_precision("bf16-mixed", cast_forward_inputs="yes")  # type: ignore[arg-type]
 
 
 def test_to_fsdp_mixed_precision_without_fsdp2_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
