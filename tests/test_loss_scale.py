@@ -1,4 +1,8 @@
-"""Loss-scale states and the pure functions around them. Bad input: test_audit.py."""
+"""Loss-scale states: the adjust rule, its bounds and hysteresis, GradScaler parity,
+construction, pytree/vmap/compile round trips, state dicts, GradScaler interop, ``.to()``.
+
+Applying a state to a loss and to gradients: test_scaling.py. Bad input: test_audit.py.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,19 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, make_tree
 from helpers import trajectory
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import polprec as pp
-from polprec import _fused, _tree
-from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
+from polprec import _tree
+from polprec.testing import assert_trees_all_close
 from polprec.testing import strategies as pst
 
 T, F = torch.tensor(True), torch.tensor(False)
 
 
-# --- jmp's numbers ----------------------------------------------------------------------
+# --- the adjust rule: jmp's numbers, bounds, hysteresis -------------------------------
 
 
 def test_jmp_period_two_trajectory() -> None:
@@ -31,6 +34,10 @@ def test_jmp_period_two_trajectory() -> None:
     )
     assert scales == [32768, 65536, 65536, 32768, 32768, 65536]
     assert counters == [1, 0, 1, 0, 1, 0]
+
+
+def test_adjust_accepts_python_bool() -> None:
+    assert float(pp.DynamicLossScale(8.0).adjust(False).loss_scale) == 4.0
 
 
 @pytest.mark.parametrize("factor", [2, 3])
@@ -52,6 +59,20 @@ def test_inf_guard_and_max_loss_scale() -> None:
     assert counters == [0] * 5
     odd_cap = pp.DynamicLossScale(8.0, period=1, max_loss_scale=100.0)
     assert trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
+
+
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=50))
+def test_scale_stays_in_bounds_and_finite(state: Any, flags: list[bool]) -> None:
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        value = float(state.loss_scale)
+        assert math.isfinite(value)
+        assert value > 0
+        if isinstance(state, pp.DynamicLossScale):
+            assert value >= state.min_loss_scale
+            if state.max_loss_scale is not None:
+                assert value <= state.max_loss_scale
+            assert 0 <= int(state.counter) < state.period
 
 
 def test_hysteresis_follows_megatron() -> None:
@@ -89,7 +110,7 @@ def test_hysteresis_matches_reference_implementation(
     assert trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
 
 
-# --- GradScaler parity --------------------------------------------------------------------
+# --- GradScaler parity and the fused update -------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -114,170 +135,28 @@ def test_parity_with_grad_scaler(seed: int, init_scale: float, period: int) -> N
         assert int(state.counter) == scaler.state_dict()["_growth_tracker"]
 
 
-# --- properties ---------------------------------------------------------------------------
-
-
-@given(pst.loss_scales(), st.lists(st.booleans(), max_size=50))
-def test_scale_stays_in_bounds_and_finite(state: Any, flags: list[bool]) -> None:
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=40))
+def test_fused_and_transform_safe_adjust_agree(state: Any, flags: list[bool]) -> None:
+    # Eager adjust runs torch's fused GradScaler kernel where it applies; under vmap the
+    # torch.where rule runs. Both must give the same trajectory and the same state.
+    batched = _tree.tree_map(lambda x: x[None], state)
+    step = torch.func.vmap(lambda s, f: s.adjust(f))
     for flag in flags:
         state = state.adjust(torch.tensor(flag))
-        value = float(state.loss_scale)
-        assert math.isfinite(value)
-        assert value > 0
-        if isinstance(state, pp.DynamicLossScale):
-            assert value >= state.min_loss_scale
-            if state.max_loss_scale is not None:
-                assert value <= state.max_loss_scale
-            assert 0 <= int(state.counter) < state.period
+        batched = step(batched, torch.tensor([flag]))
+        for a, b in zip(_tree.tree_leaves(state), _tree.tree_leaves(batched), strict=True):
+            assert torch.equal(a, b[0])
 
 
-@given(pst.tensor_trees(pst.tensors(max_magnitude=1e3)), st.integers(0, 8))
-def test_unscale_of_scale_is_exact_for_powers_of_two(tree: Any, exponent: int) -> None:
-    state = pp.StaticLossScale(2.0**exponent)
-    back = state.unscale(state.scale(tree))
-    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(back), strict=True):
-        if _tree.is_float_tensor(a):
-            assert b.dtype == a.dtype
-            if torch.isfinite(state.scale(a)).all():  # no overflow in the leaf's dtype
-                assert torch.equal(a, b)
-        else:
-            assert a is b
+def test_fused_adjust_is_used_for_the_defaults() -> None:
+    assert pp.DynamicLossScale()._fusable()
+    assert pp.DynamicLossScale(factor=4.0)._fusable()
+    assert not pp.DynamicLossScale(factor=3.0)._fusable()
+    assert not pp.DynamicLossScale(hysteresis=2)._fusable()
+    assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
 
 
-@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True)), pst.loss_scales())
-def test_unscale_and_check_is_pure_and_flags_exactly(tree: Any, state: Any) -> None:
-    leaves = [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-    versions = [x._version for x in leaves]
-    snapshot = [x.clone() for x in leaves]
-    grads, finite = pp.unscale_and_check(tree, state)
-    assert [x._version for x in leaves] == versions
-    for x, s in zip(leaves, snapshot, strict=True):
-        assert torch.equal(x.nan_to_num(), s.nan_to_num())
-    expected = all(
-        bool(torch.isfinite(x).all()) for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)
-    )
-    assert bool(finite) == expected
-    assert finite.dtype == torch.bool
-    assert finite.dim() == 0
-    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
-
-
-@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True), mixed=False), st.integers(0, 20))
-def test_fused_and_transform_safe_paths_agree(tree: Any, exponent: int) -> None:
-    assume(_tree.tree_leaves(tree))  # vmap needs a tensor to map over
-    state = pp.StaticLossScale(2.0**exponent)
-    fused, f_ok = pp.unscale_and_check(tree, state)  # eager: torch's fused AMP kernels
-    batched = _tree.tree_map(lambda x: x[None], tree)
-    plain, p_ok = torch.func.vmap(lambda t: pp.unscale_and_check(t, state))(batched)  # plain ops
-    assert_trees_all_close(fused, _tree.tree_map(lambda x: x[0], plain), rtol=0, atol=0)
-    assert bool(f_ok) == bool(p_ok[0]) == bool(pp.all_finite(tree))
-
-
-# --- unscale_and_check details ------------------------------------------------------------
-
-
-def test_unscale_and_check_over_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
-    tree = pp.cast_tree(make_tree(tree_shape), float_dtype)
-    grads, finite = pp.unscale_and_check(tree, pp.StaticLossScale(4.0))
-    assert bool(finite)
-    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
-    assert_trees_all_equal_dtypes(grads, float_dtype)  # float16 grads stay float16
-    expected = _tree.tree_map(lambda x: x / 4 if _tree.is_float_tensor(x) else x, tree)
-    assert_trees_all_close(grads, expected, rtol=0, atol=0)
-
-
-def test_unscale_uses_the_float32_reciprocal_for_float16_grads() -> None:
-    # 2**-25 is below float16's smallest subnormal: it must not be rounded to 0 first.
-    grads = {"w": torch.tensor([1024.0], dtype=torch.float16)}
-    out, _ = pp.unscale_and_check(grads, pp.StaticLossScale(2.0**25))
-    assert out["w"].dtype == torch.float16
-    assert out["w"].item() == 2.0**-15
-
-
-def test_unscale_and_check_keeps_none_and_non_float_leaves() -> None:
-    step = torch.tensor(3)
-    grads, finite = pp.unscale_and_check(
-        {"a": None, "s": step, "w": torch.ones(2) * 8}, pp.StaticLossScale(8)
-    )
-    assert grads["a"] is None
-    assert grads["s"] is step
-    assert grads["w"].tolist() == [1.0, 1.0]
-    assert bool(finite)
-
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_owned_path_matches_the_pure_path(dtype: torch.dtype) -> None:
-    grads = [torch.randn(5, dtype=dtype) * 64, torch.randn(2, 3).to(dtype)]
-    pure, ok1 = pp.unscale_and_check(grads, pp.StaticLossScale(64))
-    owned = [g.clone() for g in grads]
-    ok2 = _fused.unscale_(owned, torch.reciprocal(torch.tensor(64.0))) == 0
-    assert_trees_all_close(pure, owned, rtol=0, atol=0)
-    assert bool(ok1) == bool(ok2)
-
-
-def test_noop_returns_grads_and_still_checks() -> None:
-    grads = {"w": torch.tensor([1.0, float("nan")])}
-    out, finite = pp.unscale_and_check(grads, pp.NoOpLossScale())
-    assert out is grads
-    assert not bool(finite)
-
-
-def test_unscale_and_check_mixed_devices_and_dtypes_grouping() -> None:
-    grads = [
-        torch.ones(3) * 2,
-        torch.ones(2, dtype=torch.float64) * 2,
-        torch.ones(1, dtype=torch.bfloat16) * 2,
-    ]
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(2))
-    assert bool(finite)
-    assert [g.dtype for g in out] == [torch.float32, torch.float64, torch.bfloat16]
-    assert all(bool((g == 1).all()) for g in out)
-    grads[1][0] = float("inf")
-    assert not bool(pp.unscale_and_check(grads, pp.StaticLossScale(2))[1])
-
-
-def test_unscale_and_check_under_grad_tracking() -> None:
-    w = torch.ones(3, requires_grad=True)
-    out, finite = pp.unscale_and_check({"w": w * 4}, pp.StaticLossScale(4))
-    out["w"].sum().backward()
-    assert w.grad is not None
-    assert w.grad.tolist() == [1.0, 1.0, 1.0]
-    assert bool(finite)
-
-
-# --- scale / scale_loss ------------------------------------------------------------------
-
-
-def test_scale_loss_float16_does_not_overflow() -> None:
-    loss = torch.tensor(60000.0, dtype=torch.float16)
-    scaled = pp.scale_loss(loss, pp.StaticLossScale(2.0**16))
-    assert scaled.dtype == torch.float32
-    assert math.isfinite(scaled.item())
-    assert scaled.item() == 60000.0 * 2.0**16
-
-
-@pytest.mark.parametrize(
-    ("dtype", "out"),
-    [
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.float32),
-        (torch.float64, torch.float64),
-    ],
-)
-def test_scale_loss_dtypes(dtype: torch.dtype, out: torch.dtype) -> None:
-    assert pp.scale_loss(torch.tensor(1.0, dtype=dtype), pp.DynamicLossScale()).dtype == out
-    noop = torch.tensor(1.0, dtype=dtype)
-    assert pp.scale_loss(noop, pp.NoOpLossScale()) is noop
-
-
-def test_scale_is_differentiable() -> None:
-    w = torch.ones(2, requires_grad=True)
-    pp.scale_loss((w * 3).sum(), pp.StaticLossScale(8)).backward()
-    assert w.grad is not None
-    assert w.grad.tolist() == [24.0, 24.0]
-
-
-# --- construction, pytree, state dicts ---------------------------------------------------
+# --- construction, scale / unscale, immutability --------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -298,6 +177,69 @@ def test_initial_scale_types_are_stored_as_float32(initial: Any) -> None:
     dyn = pp.DynamicLossScale(initial, period=1)
     assert float(dyn.adjust(T).loss_scale) == 65536.0  # float16 scale adjusts (jmp issue 47)
     assert dyn.counter.dtype == torch.int32
+
+
+def test_dynamic_defaults_follow_jmp_and_bounds_may_meet() -> None:
+    state = pp.DynamicLossScale()
+    assert (state.period, state.factor, state.min_loss_scale) == (2000, 2.0, 1.0)
+    assert float(state.loss_scale) == 2.0**15 and state.max_loss_scale is None
+    assert int(state.counter) == 0 and int(state.hysteresis_tracker) == state.hysteresis == 1
+    pinned = pp.DynamicLossScale(4.0, period=1, min_loss_scale=4.0, max_loss_scale=4.0)
+    for finite in (True, False, True):
+        pinned = pinned.adjust(torch.tensor(finite))
+        assert float(pinned.loss_scale) == 4.0  # min == max: a fixed scale
+    tracked = pp.DynamicLossScale(hysteresis=3, hysteresis_tracker=1)
+    assert int(tracked.hysteresis_tracker) == 1  # an explicit tracker wins over the default
+    assert tracked.counter.dtype == tracked.hysteresis_tracker.dtype == torch.int32
+
+
+def test_dynamic_scale_and_unscale() -> None:
+    state = pp.DynamicLossScale(8.0)
+    tree = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([2])}
+    scaled = state.scale(tree)
+    assert scaled["w"].tolist() == [8.0, 24.0]
+    assert scaled["n"] is tree["n"]
+    assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]
+
+
+@given(pst.tensor_trees(pst.tensors(max_magnitude=1e3)), st.integers(0, 8))
+def test_unscale_of_scale_is_exact_for_powers_of_two(tree: Any, exponent: int) -> None:
+    state = pp.StaticLossScale(2.0**exponent)
+    back = state.unscale(state.scale(tree))
+    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(back), strict=True):
+        if _tree.is_float_tensor(a):
+            assert b.dtype == a.dtype
+            if torch.isfinite(state.scale(a)).all():  # no overflow in the leaf's dtype
+                assert torch.equal(a, b)
+        else:
+            assert a is b
+
+
+def test_states_are_immutable() -> None:
+    state = pp.DynamicLossScale()
+    with pytest.raises(AttributeError):
+        state.period = 3  # type: ignore[misc]
+    before = (state.loss_scale.clone(), state.counter.clone(), state.loss_scale._version)
+    state.adjust(F)
+    state.adjust(T)
+    assert torch.equal(state.loss_scale, before[0])
+    assert torch.equal(state.counter, before[1])
+    assert state.loss_scale._version == before[2]
+
+
+def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
+    state = pp.DynamicLossScale(8.0, 3, period=5, hysteresis=2)
+    moved = state.to("meta")  # a device without data: shows the move without a GPU
+    assert {t.device.type for t in _tree.tree_leaves(moved)} == {"meta"}
+    assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
+    assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
+    assert state.loss_scale.device.type == "cpu"  # the original is untouched
+    on_cpu = pp.DynamicLossScale(period=3).to("cpu")
+    assert on_cpu.loss_scale.device.type == "cpu"
+    assert on_cpu.period == 3
+
+
+# --- pytrees: flatten/unflatten, vmap, stacking, compile ------------------------------
 
 
 def test_config_survives_pytree_round_trips() -> None:
@@ -321,6 +263,20 @@ def test_config_survives_pytree_round_trips() -> None:
             1e6,
             2,
         )
+
+
+def test_subclasses_of_loss_scales_are_pytrees_too() -> None:
+    class Tagged(pp.StaticLossScale):  # registered when defined (fresh class per run)
+        pass
+
+    state = Tagged(8.0)
+    leaves, spec = _tree.tree_flatten(state)
+    assert len(leaves) == 1 and float(leaves[0]) == 8.0
+    back = _tree.tree_unflatten(spec, [torch.tensor(2.0)])
+    assert type(back) is Tagged and float(back.loss_scale) == 2.0
+    stacked = pp.stack_trees([Tagged(2.0), Tagged(4.0)])
+    scaled = torch.func.vmap(lambda s: pp.scale_loss(torch.tensor(1.0), s))(stacked)
+    assert scaled.tolist() == [2.0, 4.0]
 
 
 def test_vmap_gives_each_member_its_own_scale() -> None:
@@ -369,6 +325,9 @@ def test_compiled_adjust_unscale_select_matches_eager() -> None:
         params, state = p_c, s_c
 
 
+# --- state dicts and GradScaler interop -----------------------------------------------
+
+
 @pytest.mark.parametrize(
     "state",
     [
@@ -411,56 +370,6 @@ def test_grad_scaler_state_dict_round_trip() -> None:
     assert other.state_dict()["growth_interval"] == 7
 
 
-def test_default_loss_scale() -> None:
-    for spec in ("16-mixed", "16-true", 16, "c=f16", "o=f16"):
-        assert isinstance(pp.default_loss_scale(spec), pp.DynamicLossScale)
-    for spec in ("bf16-mixed", "bf16-true", "32-true", 64):
-        assert isinstance(pp.default_loss_scale(spec), pp.NoOpLossScale)
-
-
-def test_states_are_immutable() -> None:
-    state = pp.DynamicLossScale()
-    with pytest.raises(AttributeError):
-        state.period = 3  # type: ignore[misc]
-    before = (state.loss_scale.clone(), state.counter.clone(), state.loss_scale._version)
-    state.adjust(F)
-    state.adjust(T)
-    assert torch.equal(state.loss_scale, before[0])
-    assert torch.equal(state.counter, before[1])
-    assert state.loss_scale._version == before[2]
-
-
-def test_adjust_accepts_python_bool() -> None:
-    assert float(pp.DynamicLossScale(8.0).adjust(False).loss_scale) == 4.0
-
-
-def test_to_moves_state() -> None:
-    state = pp.DynamicLossScale(period=3).to("cpu")
-    assert state.loss_scale.device.type == "cpu"
-    assert state.period == 3
-
-
-@given(pst.loss_scales(), st.lists(st.booleans(), max_size=40))
-def test_fused_and_transform_safe_adjust_agree(state: Any, flags: list[bool]) -> None:
-    # Eager adjust runs torch's fused GradScaler kernel where it applies; under vmap the
-    # torch.where rule runs. Both must give the same trajectory and the same state.
-    batched = _tree.tree_map(lambda x: x[None], state)
-    step = torch.func.vmap(lambda s, f: s.adjust(f))
-    for flag in flags:
-        state = state.adjust(torch.tensor(flag))
-        batched = step(batched, torch.tensor([flag]))
-        for a, b in zip(_tree.tree_leaves(state), _tree.tree_leaves(batched), strict=True):
-            assert torch.equal(a, b[0])
-
-
-def test_fused_adjust_is_used_for_the_defaults() -> None:
-    assert pp.DynamicLossScale()._fusable()
-    assert pp.DynamicLossScale(factor=4.0)._fusable()
-    assert not pp.DynamicLossScale(factor=3.0)._fusable()
-    assert not pp.DynamicLossScale(hysteresis=2)._fusable()
-    assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
-
-
 def test_grad_scaler_conversion_reads_every_field() -> None:
     sd = {
         "scale": torch.tensor(512.0),  # GradScaler may hold its scale as a tensor
@@ -492,121 +401,3 @@ def test_grad_scaler_conversion_tolerates_float32_rounded_backoff() -> None:
         "_growth_tracker": 0,
     }
     assert pp.DynamicLossScale.from_grad_scaler_state_dict(sd).factor == 3.0
-
-
-def test_dynamic_scale_and_unscale() -> None:
-    state = pp.DynamicLossScale(8.0)
-    tree = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([2])}
-    scaled = state.scale(tree)
-    assert scaled["w"].tolist() == [8.0, 24.0]
-    assert scaled["n"] is tree["n"]
-    assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]
-
-
-def test_dynamic_defaults_follow_jmp_and_bounds_may_meet() -> None:
-    state = pp.DynamicLossScale()
-    assert (state.period, state.factor, state.min_loss_scale) == (2000, 2.0, 1.0)
-    assert float(state.loss_scale) == 2.0**15 and state.max_loss_scale is None
-    assert int(state.counter) == 0 and int(state.hysteresis_tracker) == state.hysteresis == 1
-    pinned = pp.DynamicLossScale(4.0, period=1, min_loss_scale=4.0, max_loss_scale=4.0)
-    for finite in (True, False, True):
-        pinned = pinned.adjust(torch.tensor(finite))
-        assert float(pinned.loss_scale) == 4.0  # min == max: a fixed scale
-    tracked = pp.DynamicLossScale(hysteresis=3, hysteresis_tracker=1)
-    assert int(tracked.hysteresis_tracker) == 1  # an explicit tracker wins over the default
-    assert tracked.counter.dtype == tracked.hysteresis_tracker.dtype == torch.int32
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    kernel = torch._amp_foreach_non_finite_check_and_unscale_
-
-    def spy(*args: Any) -> Any:
-        calls.append(len(args[0]))
-        return kernel(*args)
-
-    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", spy)
-    return calls
-
-
-def test_eager_unscale_runs_the_fused_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _counting(monkeypatch)
-    grads = {
-        "a": torch.full((3,), 8.0),
-        "b": torch.full((2,), 4.0),
-        "n": None,
-        "i": torch.ones(2, dtype=torch.int64),
-    }
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert calls == [2]  # one fused call over the two floating leaves
-    assert bool(finite) and out["a"].tolist() == [2.0] * 3 and out["i"] is grads["i"]
-    params = torch.nn.Parameter(torch.full((2,), 4.0))
-    with torch.no_grad():
-        pp.unscale_and_check([params], pp.StaticLossScale(2.0))
-    assert calls == [2, 1]  # Parameters too, where no graph is being built
-
-
-def test_unscale_is_differentiable_and_avoids_the_fused_kernel(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = _counting(monkeypatch)
-    g = torch.full((3,), 8.0, requires_grad=True)
-    (out,), finite = pp.unscale_and_check([g], pp.StaticLossScale(4.0))
-    assert calls == [] and bool(finite)
-    out.sum().backward()
-    assert g.grad is not None and g.grad.tolist() == [0.25] * 3  # d(g / 4)/dg
-    p = torch.nn.Parameter(torch.ones(2))
-    (q,), _ = pp.unscale_and_check([p], pp.StaticLossScale(2.0))
-    assert calls == [] and q.requires_grad  # a Parameter that requires grad: graph kept
-
-    class Sub(torch.Tensor):
-        pass
-
-    sub = torch.ones(2).as_subclass(Sub)
-    (s,), finite = pp.unscale_and_check([sub], pp.StaticLossScale(2.0))
-    assert calls == [] and s.tolist() == [0.5, 0.5] and bool(finite)  # subclasses: plain ops
-    vmapped = torch.func.vmap(lambda x: pp.unscale_and_check(x, pp.StaticLossScale(2.0))[0])
-    assert vmapped(torch.ones(4, 2)).tolist() == [[0.5, 0.5]] * 4 and calls == []
-
-
-def test_subclasses_of_loss_scales_are_pytrees_too() -> None:
-    class Tagged(pp.StaticLossScale):  # registered when defined (fresh class per run)
-        pass
-
-    state = Tagged(8.0)
-    leaves, spec = _tree.tree_flatten(state)
-    assert len(leaves) == 1 and float(leaves[0]) == 8.0
-    back = _tree.tree_unflatten(spec, [torch.tensor(2.0)])
-    assert type(back) is Tagged and float(back.loss_scale) == 2.0
-    stacked = pp.stack_trees([Tagged(2.0), Tagged(4.0)])
-    scaled = torch.func.vmap(lambda s: pp.scale_loss(torch.tensor(1.0), s))(stacked)
-    assert scaled.tolist() == [2.0, 4.0]
-
-
-def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
-    state = pp.DynamicLossScale(8.0, 3, period=5, hysteresis=2)
-    moved = state.to("meta")  # a device without data: shows the move without a GPU
-    assert {t.device.type for t in _tree.tree_leaves(moved)} == {"meta"}
-    assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
-    assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
-    assert state.loss_scale.device.type == "cpu"  # the original is untouched
-
-
-def test_unscale_where_the_fused_kernel_lacks_the_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on CUDA, whose fused kernel has no bfloat16: those leaves take plain ops.
-    monkeypatch.setitem(_fused.UNSCALE_DTYPES, "cpu", (torch.float32,))
-    grads = {"b": torch.tensor([8.0, 4.0], dtype=torch.bfloat16), "f": torch.tensor([2.0])}
-    versions = {k: v._version for k, v in grads.items()}
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert bool(finite) and out["b"].dtype == torch.bfloat16
-    assert out["b"].tolist() == [2.0, 1.0] and out["f"].tolist() == [0.5]
-    assert {k: v._version for k, v in grads.items()} == versions  # inputs untouched
-    grads["b"] = torch.tensor([8.0, float("nan")], dtype=torch.bfloat16)
-    _, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert not bool(finite)
-    step = pp.value_and_grad(lambda p, x: (p["w"].float() * x).sum())
-    w = {"w": torch.ones(3, dtype=torch.bfloat16)}
-    _, g, ok, state = step(w, torch.full((3,), 2.0), loss_scale=pp.DynamicLossScale(8.0))
-    assert bool(ok) and g["w"].tolist() == [2.0] * 3 and float(state.loss_scale) == 8.0
-    _, g, ok, state = step(w, torch.full((3,), math.inf), loss_scale=pp.DynamicLossScale(8.0))
-    assert not bool(ok) and float(state.loss_scale) == 4.0
