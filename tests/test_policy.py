@@ -1,4 +1,4 @@
-"""Policy, get_policy and half_dtype: the Fabric table, jmp's grammar, round trips.
+"""Policy and get_policy: the Fabric table, jmp's grammar, round trips, the environment.
 
 Bad input to them: test_audit.py.
 """
@@ -142,13 +142,6 @@ def test_explicit_spec_wins_over_plain_environment(monkeypatch: pytest.MonkeyPat
     assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
 
 
-def test_half_dtype() -> None:
-    assert pp.half_dtype("cpu") is BF16
-    assert pp.half_dtype(torch.device("cpu")) is BF16
-    assert pp.half_dtype() in (BF16, F16)
-    assert pp.half_dtype("meta") is F16
-
-
 @given(
     st.sampled_from(["p", "params"]),
     st.sampled_from(["c", "compute"]),
@@ -156,43 +149,6 @@ def test_half_dtype() -> None:
 )
 def test_grammar_short_and_long_keys_agree(p: str, c: str, o: str) -> None:
     assert pp.get_policy(f"{p}=bf16,{c}=f16,{o}=f64") == pp.Policy(BF16, F16, F64)
-
-
-@pytest.mark.parametrize(
-    ("available", "hip", "capability", "expected"),
-    [
-        (False, None, (9, 0), F16),  # no CUDA at all
-        (True, None, (8, 0), BF16),  # Ampere and later: native bfloat16
-        (True, None, (9, 0), BF16),
-        (True, None, (7, 5), F16),  # Turing: float16
-    ],
-)
-def test_half_dtype_on_cuda_devices(
-    monkeypatch: pytest.MonkeyPatch,
-    available: bool,
-    hip: str | None,
-    capability: tuple[int, int],
-    expected: torch.dtype,
-) -> None:
-    asked: list[object] = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
-    monkeypatch.setattr(torch.version, "hip", hip)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability
-    )
-    assert pp.half_dtype("cuda:1") is expected
-    if available:
-        assert asked == [torch.device("cuda:1")]  # the device asked about, not the current one
-
-
-@pytest.mark.parametrize(("supported", "expected"), [(True, BF16), (False, F16)])
-def test_half_dtype_on_rocm(
-    monkeypatch: pytest.MonkeyPatch, supported: bool, expected: torch.dtype
-) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.version, "hip", "6.0")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported)
-    assert pp.half_dtype("cuda") is expected
 
 
 def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.MonkeyPatch) -> None:
