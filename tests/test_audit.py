@@ -573,6 +573,18 @@ BAD_INPUT: dict[str, list[Case]] = {
              lambda: pp.apply_with_policy(LIN, {"head.bias": torch.zeros(2)}, torch.ones(1, 3),
                                           policy=pp.PolicyRules("bf16-mixed")),
              ValueError, "'head.bias'"),
+        case("keep_dtype-str",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype="labels"),  # type: ignore[arg-type]
+             TypeError, "keep_dtype=('labels',)"),
+        case("keep_dtype-float",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype=[1.0]),  # type: ignore[list-item]
+             TypeError, "1.0 of type float"),
+        case("keep_dtype-negative",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype=[-1]),
+             ValueError, "start at 0"),
+        case("tuple-of-dicts-twice",
+             lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
+             ValueError, "['bias', 'weight'] appear in more than one"),
     ],
     "autocast": [
         case("policy-nope", lambda: pp.autocast("nope"), ValueError, "'nope'"),
