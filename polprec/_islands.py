@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from polprec import _checkpointing, _context, _tree
+from polprec._rule_keys import map_named, owner
 from polprec.policy import Policy
-from polprec.rules import PolicyRules, map_named, owner
+from polprec.rules import PolicyRules
 
 
 @dataclasses.dataclass

@@ -711,6 +711,15 @@ BAD_INPUT: dict[str, list[Case]] = {
     ],
     "PolicyRules.cast_params": [
         case("class-rule-without-module", _class_rules_without_module, ValueError, "module="),
+        case("class-name-without-module",
+             lambda: pp.PolicyRules("bf16-true", {"LayerNorm": 32}).cast_params(PARAMS),
+             ValueError, "rule 'LayerNorm' matches no parameter path", "module="),
+    ],
+    "PolicyRules.keep_in_fp32": [
+        case("str-module", lambda: pp.PolicyRules("16-true").keep_in_fp32("model"), TypeError,  # type: ignore[arg-type]
+             "nn.Module"),
+        case("policy-fp8", lambda: pp.PolicyRules("16-true").keep_in_fp32(LIN, "fp8"), ValueError,
+             "accepted"),
     ],
     # --- polprec.distributed -------------------------------------------------------------
     "all_finite_across": [
