@@ -13,7 +13,8 @@ eager mode whenever the tensors passed differ from the module's own:
   raise :data:`MESSAGE` at once. (Where hooks are already active around the call, an outer
   ``checkpoint`` or ``save_on_cpu``, they cannot be disabled, and the check is skipped.)
 * the reentrant checkpoint leaves a ``CheckpointFunctionBackward`` node in the graph of the
-  outputs, which :meth:`Guard.check` looks for.
+  outputs, which :meth:`Guard.check` looks for (``torch.autograd.grad`` runs that node too,
+  so the walk is needed under :func:`polprec.value_and_grad` as well).
 
 Under ``torch.func`` transforms torch refuses checkpointing itself, and under ``torch.compile``
 the parameters are inputs of the traced graph, so neither is checked here.
@@ -59,17 +60,27 @@ def _substitutes(module: nn.Module, params: Mapping[str, Any]) -> bool:
 
 def _has_reentrant_checkpoint(outputs: list[torch.Tensor], stop: set[Any]) -> bool:
     """Whether the graph of ``outputs`` (down to ``stop``) holds a reentrant checkpoint."""
-    stack = [x.grad_fn for x in outputs if x.grad_fn is not None]
-    seen: set[Any] = set()
+    seen = set(stop)
+    stack = []
+    for x in outputs:
+        if x.grad_fn is not None and x.grad_fn not in seen:
+            seen.add(x.grad_fn)
+            stack.append(x.grad_fn)
     while stack:
         node = stack.pop()
-        if node in seen or node in stop:
-            continue
-        seen.add(node)
-        if node.name() == "CheckpointFunctionBackward":
+        if type(node).__name__ == "CheckpointFunctionBackward":
             return True
-        stack.extend(n for n, _ in node.next_functions if n is not None)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
     return False
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 class Guard:
@@ -98,16 +109,10 @@ class Guard:
         """Raise :data:`MESSAGE` if ``out`` was computed through a reentrant checkpoint."""
         if not self.active:
             return
-        outputs = [
-            x for x in _tree.tree_leaves(out) if isinstance(x, torch.Tensor) and x.requires_grad
-        ]
+        outputs = [x for x in _tensors(out) if x.requires_grad]
         if not outputs:
             return
-        stop = {
-            x.grad_fn
-            for x in _tree.tree_leaves(self._inputs)
-            if isinstance(x, torch.Tensor) and x.grad_fn is not None
-        }
+        stop = {x.grad_fn for x in _tensors(self._inputs) if x.grad_fn is not None}
         if _has_reentrant_checkpoint(outputs, stop):
             raise RuntimeError(MESSAGE)
 

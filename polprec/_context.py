@@ -54,6 +54,9 @@ class NullContext:
         return None
 
 
+NULL = NullContext()  # stateless: one serves every `with`
+
+
 def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
     """What makes autocast's casts hold inside ``torch.func`` transforms.
 
@@ -64,7 +67,7 @@ def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
     """
     if mixed and _fused.transforms_active():
         return AutocastMode(device)
-    return NullContext()
+    return NULL
 
 
 def params_for_compute(policy: Policy, tree: Any) -> Any:

@@ -127,7 +127,7 @@ def _module_call(
 ) -> Callable[..., Any]:
     """``sub``'s call with its floating inputs cast to ``policy``'s compute dtype.
 
-    An island (a module whose policy differs from its parent's) also gets autocast set for
+    (Under a mixed policy the inputs are left to autocast, which casts them per op.) An island (a module whose policy differs from its parent's) also gets autocast set for
     its policy and its floating outputs cast to its output dtype. Other modules under a
     policy without autocast only get the input cast, so that an island's output in another
     dtype meets the dtype its next consumer computes in. The wrapper replaces the instance's

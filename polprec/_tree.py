@@ -151,6 +151,23 @@ def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
     """
     if isinstance(tree, torch.Tensor):
         return tree if not tree.is_floating_point() or tree.dtype == dtype else tree.to(dtype)
+    if type(tree) in (dict, tuple) and not torch.compiler.is_compiling():
+        # The shapes every call sees (a params dict, an args tuple), without a tree walk.
+        values = tree.values() if type(tree) is dict else tree
+        if all(type(v) is torch.Tensor for v in values):
+            casts: dict[int, torch.Tensor] = {}
+
+            def cast(x: torch.Tensor) -> torch.Tensor:
+                if not x.is_floating_point() or x.dtype == dtype:
+                    return x
+                out = casts.get(id(x))
+                if out is None:
+                    out = casts[id(x)] = x.to(dtype)
+                return out
+
+            if type(tree) is dict:
+                return {k: cast(v) for k, v in tree.items()}
+            return tuple(cast(v) for v in tree)
     return cast_floating_by(tree, lambda x: dtype)
 
 
@@ -177,12 +194,13 @@ class TensorMemo:
     """
 
     def __init__(self) -> None:
+        self._compiling = torch.compiler.is_compiling()
         self._by_id: dict[int, tuple[torch.Tensor, Any]] = {}
         self._pairs: list[tuple[torch.Tensor, Any]] = []
 
     def get(self, x: torch.Tensor) -> Any:
         """The value kept for ``x``, or ``None``."""
-        if torch.compiler.is_compiling():
+        if self._compiling:
             for kept, value in self._pairs:
                 if kept is x:
                     return value
@@ -192,7 +210,7 @@ class TensorMemo:
 
     def put(self, x: torch.Tensor, value: Any) -> Any:
         """Keep ``value`` for ``x`` (and ``x`` alive); returns ``value``."""
-        if torch.compiler.is_compiling():
+        if self._compiling:
             self._pairs.append((x, value))
         else:
             self._by_id[id(x)] = (x, value)

@@ -51,7 +51,7 @@ def autocast(
             f"{type(device_type).__name__}"
         )
     if policy.compute_dtype not in HALF_DTYPES:
-        return _context.NullContext()
+        return _context.NULL
     if _fused.transforms_active():
         return _TransformAutocast(device_type, policy.compute_dtype)
     return torch.autocast(device_type, dtype=policy.compute_dtype)
@@ -274,8 +274,13 @@ def _merged(params_and_buffers: Mapping[str, Any] | tuple[Mapping[str, Any], ...
     return merged
 
 
+_NOTHING_KEPT: frozenset[str | int] = frozenset()
+
+
 def _keep_dtype(keep_dtype: Any) -> frozenset[str | int]:
     """``keep_dtype`` checked: keyword names and positional indices of inputs left uncast."""
+    if keep_dtype == ():
+        return _NOTHING_KEPT
     if isinstance(keep_dtype, str) or not isinstance(keep_dtype, Collection):
         raise TypeError(
             f"keep_dtype takes a collection of keyword names and positional indices, e.g. "

@@ -36,7 +36,9 @@ class PolicyRules:
 
     Keys are ``nn.Module`` subclasses (``nn.BatchNorm2d``: every instance, subclasses
     included) or glob patterns over dotted paths (``"head.*"``, ``"*.norm*"``); a pattern that
-    matches everything inside a module (``"head.*"``) matches that module too. A module's
+    matches everything inside a module (``"head.*"``) matches that module too, and one made of
+    identifier characters (``"LayerNorm"``) also names the classes of that name in a module's
+    MRO, ranked as those classes (a class you need not import). A module's
     policy is the most specific rule that matches it, else its parent's (a rule covers the
     module's whole subtree), else the default:
 
@@ -45,10 +47,11 @@ class PolicyRules:
     * two different policies tied for most specific are a ``ValueError``.
 
     In :func:`~polprec.apply_with_policy` a module whose policy differs from its parent's
-    runs as an island: its floating inputs are cast to its compute dtype, autocast is set for
-    its policy (on for mixed policies, off otherwise), its parameters are cast to its compute
-    dtype where autocast does not do it, and its floating outputs are cast to its output
-    dtype. Modules under a policy without autocast ("true" policies) also get their floating
+    runs as an island: autocast is set for its policy (on for mixed policies, off otherwise),
+    its floating inputs are cast to its compute dtype unless the policy is mixed (autocast
+    casts per op), its parameters are cast to its compute dtype where autocast does not do it
+    (a tied tensor for each module that uses it), and its floating outputs are cast to its
+    output dtype. Modules under a policy without autocast ("true" policies) also get their floating
     inputs cast to their compute dtype, so an island's float32 output meets a bfloat16
     ``nn.Linear`` after it in bfloat16; code between modules (a residual ``x + h``) follows
     torch's type promotion.
