@@ -128,25 +128,30 @@ AMBIGUOUS: dict[str, str] = {
     },
 }
 
+# The number Fabric writes before "-mixed" / "-true" for each dtype name.
+SPEC_PREFIXES: dict[str, str] = {
+    **{name: "16" for name in DTYPE_ALIASES[F16]},
+    **{name: "bf16" for name in DTYPE_ALIASES[BF16]},
+    **{name: "32" for name in DTYPE_ALIASES[F32]},
+    **{name: "64" for name in DTYPE_ALIASES[F64]},
+}
+
 _FLOAT8 = ("fp8", "f8", "float8", "e4m3", "e5m2", "transformer-engine", "8-true", "8-mixed")
 
 
 def hint(text: str) -> str:
     """A sentence for an unknown precision string: what was probably meant."""
-    if any(text.startswith(p) or p in text for p in _FLOAT8):
+    if any(p in text for p in _FLOAT8):
         return "float8 / Transformer Engine precisions are not supported by polprec"
     if text.startswith(("int", "uint", "i8", "u8", "qint")):
         return "integer dtypes are not supported: a policy's dtypes are floating point"
-    candidates = [*SPEC_NAMES, *DTYPE_NAMES]
-    # Fabric-like spellings: '_' for '-', 'fp16'/'float16' for '16', 'bfloat16' for 'bf16'
+    # Fabric-like spellings: '_' for '-', a dtype name for Fabric's number ('fp16-mixed')
     normal = text.replace("_", "-").replace(" ", "-")
-    for long, short in (("bfloat16", "bf16"), ("float16", "16"), ("fp16", "16"), ("f16", "16")):
-        if normal.startswith(long + "-"):
-            normal = short + normal[len(long) :]
-    for long, short in (("float32", "32"), ("fp32", "32"), ("float64", "64"), ("fp64", "64")):
-        if normal.startswith(long + "-"):
-            normal = short + normal[len(long) :]
+    number, dash, rest = normal.partition("-")
+    if dash and number in SPEC_PREFIXES:
+        normal = SPEC_PREFIXES[number] + dash + rest
     if normal in SPEC_NAMES:
         return f"did you mean {normal!r}?"
+    candidates = [*SPEC_NAMES, *DTYPE_NAMES]
     close = difflib.get_close_matches(text, candidates, n=1, cutoff=0.75)
     return f"did you mean {close[0]!r}?" if close else ""

@@ -22,6 +22,9 @@ from polprec import _tree
 _S = TypeVar("_S", bound="State")
 
 
+# static_field and _declare run when a state class is defined (at import), before a mutation
+# test can switch them; tests/test_state.py checks the layouts they record.
+# pragma: no mutate start
 def static_field(**kwargs: Any) -> Any:
     """A dataclass field that is static metadata of the pytree, not a child."""
     return dataclasses.field(metadata={"static": True}, **kwargs)
@@ -51,6 +54,7 @@ def _declare(cls: type[State]) -> None:
     _LAYOUTS[cls] = (children, static)
 
 
+# pragma: no mutate end
 def _layout(cls: type[State]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return _LAYOUTS[cls]
 

@@ -258,9 +258,13 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("int64", lambda: pp.cast_tree([torch.ones(1)], torch.int64), ValueError,
              "torch.int64"),
         case("flo", lambda: pp.cast_tree([torch.ones(1)], "flo"), ValueError, "'flo'"),
-        case("module", lambda: pp.cast_tree(LIN, "bf16"), TypeError, "got the module Linear"),
+        case("module", lambda: pp.cast_tree(LIN, "bf16"), TypeError,
+             match=r"^tree must be a tree of tensors, got the module Linear itself; pass its "
+             r"tensors by name: \{k: v\.detach\(\) for k, v in model\.named_parameters\(\)\}$"),
         case("iterator", lambda: pp.cast_tree(iter([torch.ones(1)]), "bf16"), TypeError,
-             "list_iterator", "an iterator"),
+             match=r"^tree must be a tree of tensors, got a list_iterator \(an iterator, such as "
+             r"model\.parameters\(\), is used up once and has no names\); pass "
+             r"\{k: v\.detach\(\) for k, v in model\.named_parameters\(\)\}$"),
         *(
             case(id, lambda bad=bad: pp.cast_tree({"w": torch.ones(1)}, bad), exc, "accepted")
             for id, bad, exc in [
@@ -275,7 +279,8 @@ BAD_INPUT: dict[str, list[Case]] = {
     "cast_params": [
         case("fp8", lambda: pp.cast_params(PARAMS, "fp8"), ValueError, "'fp8'"),
         case("module", lambda: pp.cast_params(LIN, "bf16-true"), TypeError,
-             "got the module Linear itself", "model.named_parameters()"),
+             "params must be a tree of tensors, got the module Linear itself",
+             "model.named_parameters()"),
         case("parameters()", lambda: pp.cast_params(LIN.parameters(), "bf16-true"), TypeError,
              "got a generator", "model.parameters()", "named_parameters()"),
         case("str-module", lambda: pp.cast_params(PARAMS, 32, module="lin"), TypeError, "str"),  # type: ignore[arg-type]
@@ -424,6 +429,12 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("jmp-positional-settings", lambda: pp.DynamicLossScale(2.0**15, 0, 2000, 2.0),
              TypeError, "keyword-only (jmp's are positional)",
              "write DynamicLossScale(32768.0, 0, period=2000, factor=2.0)"),
+        case("every-setting-positional", lambda: pp.DynamicLossScale(1.0, 0, 10, 2.0, 0.5, 1e6, 2),  # type: ignore[misc]
+             TypeError,
+             match=r"^DynamicLossScale takes only loss_scale and counter positionally; its "
+             r"settings are keyword-only \(jmp's are positional\): write DynamicLossScale\(1\.0, "
+             r"0, period=10, factor=2\.0, min_loss_scale=0\.5, max_loss_scale=1000000\.0, "
+             r"hysteresis=2\)$"),
     ],
     "DynamicLossScale.adjust": [
         *_bad_flags(pp.DynamicLossScale),

@@ -85,6 +85,18 @@ def test_hysteresis_follows_megatron() -> None:
     assert counters == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 
 
+def test_hysteresis_of_one_and_two_on_the_plain_path() -> None:
+    # factor 3 is not a power of two: the torch.where rule runs, not the fused kernel
+    one = pp.DynamicLossScale(81.0, period=10, factor=3.0).adjust(F)
+    assert float(one.loss_scale) == 27.0
+    assert int(one.hysteresis_tracker) == 1  # hysteresis 1: the tracker never moves
+    two = pp.DynamicLossScale(81.0, period=10, factor=3.0, hysteresis=2)
+    first = two.adjust(F)
+    assert float(first.loss_scale) == 81.0 and int(first.hysteresis_tracker) == 1
+    second = first.adjust(F)
+    assert float(second.loss_scale) == 27.0 and int(second.hysteresis_tracker) == 0
+
+
 def _megatron_reference(scale: float, flags: list[bool], period: int, h: int) -> list[float]:
     growth_tracker, tracker, out = 0, h, []
     for finite in flags:

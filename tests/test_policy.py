@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polprec as pp
-from polprec._catalogue import AMBIGUOUS
+from polprec._catalogue import AMBIGUOUS, SPEC_NAMES, SPEC_PREFIXES, hint
 from polprec.testing import strategies as pst
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -227,3 +228,54 @@ def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.Monke
 def test_parse_dtype_accepts_torch_prefixed_names() -> None:
     assert pp.parse_dtype("torch.float16") is F16
     assert pp.parse_dtype(" Torch.BFloat16 ") is BF16
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_PREFIXES))
+@pytest.mark.parametrize("suffix", ["-mixed", "-true", "_mixed", "_true", " true"])
+def test_every_dtype_name_before_a_fabric_suffix_suggests_fabric_s_number(
+    name: str, suffix: str
+) -> None:
+    meant = SPEC_PREFIXES[name] + "-" + suffix[1:]
+    advice = hint(name + suffix)
+    if meant in SPEC_NAMES:
+        assert advice == f"did you mean {meant!r}?"
+    else:  # e.g. '32-mixed' is no spec: only a close spelling may be suggested
+        assert meant not in advice
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        *(
+            (t, "float8")
+            for t in [
+                "fp8",
+                "f8",
+                "float8_e4m3fn",
+                "e4m3",
+                "e5m2",
+                "transformer-engine",
+                "8-true",
+                "8-mixed",
+            ]
+        ),
+        *((t, "integer") for t in ["int8", "uint8", "i8", "u8", "qint8", "int4"]),
+        ("quarter", ""),
+        ("fp", ""),  # as close to 'fp16' as 0.67: below the cutoff, so no guess
+    ],
+)
+def test_hints_for_unsupported_precisions(text: str, words: str) -> None:
+    advice = hint(text)
+    assert (words in advice) if words else advice == ""
+    if words == "integer":
+        assert advice == "integer dtypes are not supported: a policy's dtypes are floating point"
+    if words == "float8":
+        assert advice == "float8 / Transformer Engine precisions are not supported by polprec"
+
+
+def test_the_ambiguity_warning_points_at_the_caller() -> None:
+    with pytest.warns(UserWarning, match="is ambiguous") as record:
+        pp.get_policy("half")
+    # attributed to the code that named the precision, not to polprec's own line
+    assert Path(record[0].filename).parts[-2:] != ("polprec", "policy.py")
+    assert record[0].category is UserWarning
