@@ -27,7 +27,7 @@ functions that reach a mode. Two additions, because a mode sees Python functions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -131,9 +131,9 @@ for _kind, _composites in _COMPOSITES.items():
     _RULES[_kind].update(dict.fromkeys(_NORMS, FP32))
 
 
-def rules_for(device_type: str) -> dict[str, str]:
-    """The cast rule of every op name autocast lists for ``device_type`` (a new dict)."""
-    return dict(_RULES["cpu" if device_type == "cpu" else "other"])
+def rules_for(device_type: str) -> Mapping[str, str]:
+    """The cast rule of every op name autocast lists for ``device_type`` (shared: read only)."""
+    return _RULES["cpu" if device_type == "cpu" else "other"]
 
 
 def _eligible(x: Any, device_type: str) -> bool:

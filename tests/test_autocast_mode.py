@@ -73,7 +73,7 @@ def test_lists_mirror_torch_per_device_type() -> None:
     assert cuda["einsum"] == _autocast_mode.LOWER and "einsum" not in cpu
     for table in (cpu, cuda):  # polprec's addition: norms take float32 inputs everywhere
         assert table["layer_norm"] == table["rms_norm"] == _autocast_mode.FP32
-    assert _autocast_mode.rules_for("xpu") == cuda
+    assert _autocast_mode.rules_for("xpu") is cuda
 
 
 def test_regions_without_autocast_are_left_alone() -> None:
