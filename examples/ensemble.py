@@ -13,8 +13,9 @@ members start from different loss scales: the largest overflows float16 at once 
 
 Why polprec here: under ``vmap`` over stacked parameters, ``torch.autocast`` alone loses the
 policy (``nn.Linear`` with a bias returns float32, pytorch issue 192617), so the members would
-silently train in float32. ``pp.apply_with_policy`` casts explicitly under ``vmap``; the script
-records the dtype the first layer computes in with both, from a forward hook.
+silently train in float32. Under ``vmap`` ``pp.apply_with_policy`` makes autocast's casts itself,
+op by op; the script records the dtype the first layer computes in with both, from a forward
+hook.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from polprec import _fused, _tree
+from polprec._autocast_mode import AutocastMode
 from polprec.policy import Policy
 
 
@@ -43,15 +44,60 @@ def policy_context(policy: Policy, device: str) -> torch.autocast:
     return autocast_off(device)
 
 
+class NullContext:
+    """A do-nothing context manager (traceable by torch.compile)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+NULL = NullContext()  # stateless: one serves every `with`
+
+
+def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
+    """What makes autocast's casts hold inside ``torch.func`` transforms.
+
+    Inside ``vmap``, ``grad`` and the other transforms ``torch.autocast`` alone loses dtypes
+    (see :mod:`polprec._autocast_mode`); there an :class:`AutocastMode` makes its casts at the
+    torch-function level. Enter it inside the autocast region it serves. Elsewhere, and when no
+    policy involved is mixed, nothing is needed.
+    """
+    if mixed and _fused.transforms_active():
+        return AutocastMode(device)
+    return NULL
+
+
 def params_for_compute(policy: Policy, tree: Any) -> Any:
     """Params/buffers as the module should see them under ``policy``.
 
-    Mixed policies leave the casts to autocast, except under torch.func transforms where
-    autocast alone loses the dtype; every other policy casts explicitly.
+    Mixed policies pass them as they are and leave the casts to autocast (and, inside
+    ``torch.func`` transforms, to :func:`transform_casts`), so that the float32 parameters
+    reach every float32 op; every other policy casts explicitly.
     """
-    if policy.is_mixed and not _fused.transforms_active():
+    if policy.is_mixed:
         return tree
     return policy.cast_to_compute(tree)
+
+
+def cast_inputs(
+    policy: Policy, args: tuple[Any, ...], kwargs: dict[str, Any], keep: frozenset[str | int]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inputs as the module receives them under ``policy``.
+
+    Mixed policies pass them as they are: autocast casts per op (torch.amp's rule), so a
+    float32 target reaches a float32 loss as it is. Every other policy casts floating inputs
+    to the compute dtype, except the keyword names and positional indices in ``keep``.
+    """
+    if policy.is_mixed:
+        return args, kwargs
+    if not keep:
+        return policy.cast_to_compute(args), policy.cast_to_compute(kwargs) if kwargs else {}
+    args = tuple(a if i in keep else policy.cast_to_compute(a) for i, a in enumerate(args))
+    kwargs = {k: v if k in keep else policy.cast_to_compute(v) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def class_call(module: nn.Module) -> Callable[..., Any]:
@@ -75,16 +121,57 @@ def set_call(module: nn.Module, call: Callable[..., Any] | None) -> None:
 
 # The parameter and buffer names of each module (tied names included), kept while the
 # module lives; re-read when a name is missing, so a module that gained tensors is seen.
-_NAMES: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+_NAMES: weakref.WeakKeyDictionary[nn.Module, tuple[frozenset[str], frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _names(module: nn.Module) -> frozenset[str]:
-    names = frozenset(
-        [n for n, _ in module.named_parameters(remove_duplicate=False)]
-        + [n for n, _ in module.named_buffers(remove_duplicate=False)]
-    )
-    _NAMES[module] = names
-    return names
+def _names(module: nn.Module) -> tuple[frozenset[str], frozenset[str]]:
+    params = frozenset(n for n, _ in module.named_parameters(remove_duplicate=False))
+    names = params | frozenset(n for n, _ in module.named_buffers(remove_duplicate=False))
+    _NAMES[module] = names, params
+    return names, params
+
+
+def parameter_names(module: nn.Module, keys: Any) -> frozenset[str]:
+    """The parameter names (not buffers) of ``module``, known to include ``keys`` if they can."""
+    cached = _NAMES.get(module)
+    if cached is None or not cached[0].issuperset(keys):
+        cached = _names(module)
+    return cached[1]
+
+
+def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s own parameters and buffers by name, every name of a tied tensor included."""
+    own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    own.update(module.named_buffers(remove_duplicate=False))
+    return own
+
+
+def untie(params: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``params`` with a value for every name tied to a given one: ``functional_call``'s ties.
+
+    ``functional_call(..., tie_weights=True)`` gives all names of a tied tensor (an embedding
+    and the output layer that shares it) the value passed for one of them; doing it here lets
+    each name get its own cast afterwards (each module computes in its own dtype). Several
+    different values for one tied tensor are refused, as ``functional_call`` refuses them.
+    """
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in own.items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    out = dict(params)
+    for names in by_tensor.values():
+        given = [n for n in names if n in params]
+        if len(names) < 2 or not given:
+            continue
+        if any(params[n] is not params[given[0]] for n in given[1:]):
+            raise ValueError(
+                f"params_and_buffers has different values for keys {sorted(given)}, which are "
+                "tied (one tensor of the module); pass one of them, the same tensor under each "
+                "name, or tie_weights=False"
+            )
+        out.update(dict.fromkeys(names, params[given[0]]))
+    return out
 
 
 def check_names(module: nn.Module, params_and_buffers: Any) -> None:
@@ -97,9 +184,8 @@ def check_names(module: nn.Module, params_and_buffers: Any) -> None:
         return
     dicts = params_and_buffers if isinstance(params_and_buffers, tuple) else (params_and_buffers,)
     keys = [k for d in dicts for k in d]
-    names = _NAMES.get(module)
-    if names is None or not names.issuperset(keys):
-        names = _names(module)
+    cached = _NAMES.get(module)
+    names = cached[0] if cached is not None and cached[0].issuperset(keys) else _names(module)[0]
     unknown = [k for k in keys if k not in names]
     if not unknown:
         return

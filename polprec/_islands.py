@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _context
+from polprec import _checkpointing, _context, _tree
+from polprec._rule_keys import map_named, owner
 from polprec.policy import Policy
-from polprec.rules import PolicyRules, map_named, owner
+from polprec.rules import PolicyRules
 
 
 @dataclasses.dataclass
@@ -30,6 +31,8 @@ class _Plan:
     wrapped: list[tuple[str, Policy, bool]]
     # parameter/buffer name -> the compute policy of the module that owns it
     owners: dict[str, Policy] = dataclasses.field(default_factory=dict)
+    # whether any module runs under a mixed policy (then transforms need autocast's casts)
+    any_mixed: bool = False
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, dict[PolicyRules, _Plan]] = weakref.WeakKeyDictionary()
@@ -47,7 +50,7 @@ def _make_plan(rules: PolicyRules, module: nn.Module, structure: Any) -> _Plan:
                 wrapped.append((path, policy, True))
             elif not policy.is_mixed:
                 wrapped.append((path, policy, False))
-    return _Plan(structure, policies, wrapped)
+    return _Plan(structure, policies, wrapped, any_mixed=any(p.is_mixed for p in policies.values()))
 
 
 def _plan(rules: PolicyRules, named: list[tuple[str, nn.Module]], module: nn.Module) -> _Plan:
@@ -64,24 +67,39 @@ def _plan(rules: PolicyRules, named: list[tuple[str, nn.Module]], module: nn.Mod
 def apply_rules(
     rules: PolicyRules,
     module: nn.Module,
-    params_and_buffers: Any,
+    params_and_buffers: dict[str, Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     strict: bool,
     tie_weights: bool,
+    keep: frozenset[str | int],
 ) -> Any:
-    """``functional_call`` of ``module`` with each island under its own policy."""
+    """``functional_call`` of ``module`` with each island under its own policy.
+
+    Each parameter and buffer is cast for the module that uses it under its name; a tied
+    tensor (one tensor under several names) is cast once per compute dtype, for each name.
+    """
     named = list(module.named_modules())
     plan = _plan(rules, named, module)
     root = plan.policies[""]
-    args, kwargs = root.cast_to_compute((args, kwargs))
+    args, kwargs = _context.cast_inputs(root, args, kwargs, keep)
     device_type = _context.device_type(params_and_buffers, args, kwargs)
+    if tie_weights:
+        params_and_buffers = _context.untie(params_and_buffers, _context.own_tensors(module))
+    casts = _tree.TensorMemo()  # tensor -> {policy: its cast}: tied names share casts
 
     def for_compute(name: str, x: Any) -> Any:
         policy = plan.owners.get(name)
         if policy is None:
             policy = plan.owners[name] = plan.policies.get(owner(name, plan.policies), root)
-        return _context.params_for_compute(policy, x)
+        if not isinstance(x, torch.Tensor):
+            return x
+        by_policy = casts.get(x)
+        if by_policy is None:
+            by_policy = casts.put(x, {})
+        if policy not in by_policy:
+            by_policy[policy] = _context.params_for_compute(policy, x)
+        return by_policy[policy]
 
     params = map_named(params_and_buffers, for_compute)
     modules = dict(named)
@@ -93,10 +111,11 @@ def apply_rules(
     try:
         for sub, call in wrapped:
             _context.set_call(sub, call)
-        with _context.policy_context(root, device_type):
-            out = torch.func.functional_call(
-                module, params, args, kwargs, strict=strict, tie_weights=tie_weights
-            )
+        with (
+            _context.policy_context(root, device_type),
+            _context.transform_casts(device_type, plan.any_mixed),
+        ):
+            out = _checkpointing.call(module, params, args, kwargs, strict, tie_weights=False)
     finally:
         for sub, previous in saved:
             _context.set_call(sub, previous)
@@ -108,7 +127,7 @@ def _module_call(
 ) -> Callable[..., Any]:
     """``sub``'s call with its floating inputs cast to ``policy``'s compute dtype.
 
-    An island (a module whose policy differs from its parent's) also gets autocast set for
+    (Under a mixed policy the inputs are left to autocast, which casts them per op.) An island (a module whose policy differs from its parent's) also gets autocast set for
     its policy and its floating outputs cast to its output dtype. Other modules under a
     policy without autocast only get the input cast, so that an island's output in another
     dtype meets the dtype its next consumer computes in. The wrapper replaces the instance's
@@ -118,7 +137,8 @@ def _module_call(
     call: Callable[..., Any] = sub.__dict__.get("_call_impl") or _context.class_call(sub)
 
     def call_impl(*args: Any, **kwargs: Any) -> Any:
-        args, kwargs = policy.cast_to_compute((args, kwargs))
+        if not policy.is_mixed:  # mixed policies leave inputs to autocast, as at the root
+            args, kwargs = policy.cast_to_compute((args, kwargs))
         if not island:
             return call(*args, **kwargs)
         with _context.policy_context(policy, device_type):

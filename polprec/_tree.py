@@ -144,8 +144,81 @@ def map_floating(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
-    """Cast floating tensor leaves to ``dtype``; every other leaf is returned as is."""
-    return map_floating(tree, lambda x: x if x.dtype == dtype else x.to(dtype))
+    """Cast floating tensor leaves to ``dtype``; every other leaf is returned as is.
+
+    A tensor that appears more than once (tied weights named twice) is cast once and the cast
+    is shared, so the result keeps the aliasing of the input.
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree if not tree.is_floating_point() or tree.dtype == dtype else tree.to(dtype)
+    if type(tree) in (dict, tuple) and not torch.compiler.is_compiling():
+        # The shapes every call sees (a params dict, an args tuple), without a tree walk.
+        values = tree.values() if type(tree) is dict else tree
+        if all(type(v) is torch.Tensor for v in values):
+            casts: dict[int, torch.Tensor] = {}
+
+            def cast(x: torch.Tensor) -> torch.Tensor:
+                if not x.is_floating_point() or x.dtype == dtype:
+                    return x
+                out = casts.get(id(x))
+                if out is None:
+                    out = casts[id(x)] = x.to(dtype)
+                return out
+
+            if type(tree) is dict:
+                return {k: cast(v) for k, v in tree.items()}
+            return tuple(cast(v) for v in tree)
+    return cast_floating_by(tree, lambda x: dtype)
+
+
+def cast_floating_by(tree: Any, dtype_of: Callable[[torch.Tensor], torch.dtype]) -> Any:
+    """Cast each floating tensor leaf ``x`` to ``dtype_of(x)``, once per tensor (aliases kept)."""
+    casts = TensorMemo()
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = casts.get(x)
+        if out is None:
+            dtype = dtype_of(x)
+            out = casts.put(x, x if x.dtype == dtype else x.to(dtype))
+        return out
+
+    return map_floating(tree, cast)
+
+
+class TensorMemo:
+    """Values kept per tensor *object*, to treat a tensor that appears twice (tied) once.
+
+    In eager mode the tensors are found by ``id``; while ``torch.compile`` traces, by ``is``
+    against each one kept, because Dynamo guards every ``id`` taken of an input tensor on that
+    object, which would recompile the step for every new batch of parameters.
+    """
+
+    def __init__(self) -> None:
+        self._compiling = torch.compiler.is_compiling()
+        self._by_id: dict[int, tuple[torch.Tensor, Any]] = {}
+        self._pairs: list[tuple[torch.Tensor, Any]] = []
+
+    def get(self, x: torch.Tensor) -> Any:
+        """The value kept for ``x``, or ``None``."""
+        if self._compiling:
+            for kept, value in self._pairs:
+                if kept is x:
+                    return value
+            return None
+        pair = self._by_id.get(id(x))
+        return None if pair is None else pair[1]
+
+    def put(self, x: torch.Tensor, value: Any) -> Any:
+        """Keep ``value`` for ``x`` (and ``x`` alive); returns ``value``."""
+        if self._compiling:
+            self._pairs.append((x, value))
+        else:
+            self._by_id[id(x)] = (x, value)
+        return value
+
+    def values(self) -> list[Any]:
+        """The values kept, in the order they were put."""
+        return [v for _, v in (self._pairs or self._by_id.values())]
 
 
 def check_tree(tree: Any, name: str) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from polprec import _context, _tree
+from polprec import _checkpointing, _context, _fused, _tree
 from polprec._catalogue import HALF_DTYPES
 from polprec._islands import apply_rules
 from polprec.policy import Policy, PolicySpec, get_policy
@@ -22,11 +22,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def autocast(
     policy: PolicySpec = None, device_type: str | None = None
-) -> torch.autocast | _NullContext:
+) -> torch.autocast | _TransformAutocast | _context.NullContext:
     """``torch.autocast`` to the policy's compute dtype, for code outside the forward.
 
     The counterpart of Lightning Fabric's ``fabric.autocast()``: a loss computed outside the
-    model's forward runs under the same policy. A no-op for 32/64-bit compute dtypes.
+    model's forward runs under the same policy. A no-op for 32/64-bit compute dtypes. Entered
+    inside a ``torch.func`` transform (``vmap``, ``grad``), where ``torch.autocast`` alone loses
+    dtypes, it also makes autocast's casts itself, op by op, as
+    :func:`apply_with_policy` does there.
 
     Args:
         policy: a :class:`Policy` or any spec :func:`get_policy` accepts (``None`` reads
@@ -47,19 +50,27 @@ def autocast(
             f"device_type must be a str such as 'cpu' or 'cuda', got {device_type!r} of type "
             f"{type(device_type).__name__}"
         )
-    if policy.compute_dtype in HALF_DTYPES:
-        return torch.autocast(device_type, dtype=policy.compute_dtype)
-    return _NullContext()
+    if policy.compute_dtype not in HALF_DTYPES:
+        return _context.NULL
+    if _fused.transforms_active():
+        return _TransformAutocast(device_type, policy.compute_dtype)
+    return torch.autocast(device_type, dtype=policy.compute_dtype)
 
 
-class _NullContext:
-    """A do-nothing context manager (traceable by torch.compile)."""
+class _TransformAutocast:
+    """:func:`autocast` inside a ``torch.func`` transform: autocast plus its casts, op by op."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype) -> None:
+        self._autocast = torch.autocast(device_type, dtype=dtype)
+        self._casts = _context.transform_casts(device_type, mixed=True)
 
     def __enter__(self) -> None:
-        return None
+        self._autocast.__enter__()  # type: ignore[no-untyped-call]
+        self._casts.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __exit__(self, *exc: Any) -> None:
+        self._casts.__exit__(*exc)
+        self._autocast.__exit__(*exc)
 
 
 class full_precision:  # lower case: used like a function, `with full_precision():`
@@ -134,23 +145,29 @@ def apply_with_policy(
     policy: PolicySpec | PolicyRules = _REQUIRED,
     strict: bool = False,
     tie_weights: bool = True,
+    keep_dtype: Collection[str | int] = (),
 ) -> Any:
     """``torch.func.functional_call`` under a mixed-precision policy.
 
-    Floating inputs are cast to the compute dtype, the module runs under the policy and its
-    floating outputs are cast to the output dtype. Gradients with respect to
-    ``params_and_buffers`` come back in the dtype each parameter was passed in (the param
-    dtype), because every cast is differentiable.
+    The module runs under the policy and its floating outputs are cast to the output dtype.
+    Gradients with respect to ``params_and_buffers`` come back in the dtype each parameter
+    was passed in (the param dtype), because every cast is differentiable.
+
+    Inputs follow torch.amp's rule. Under a mixed policy they are passed as they are, and
+    autocast casts them per op: into a matmul in the compute dtype, into a loss in float32,
+    so a float32 target (regression ``labels``) keeps its precision. Every other policy casts
+    floating inputs to the compute dtype, except those named in ``keep_dtype``.
 
     How the module runs:
 
     * mixed policies (16-bit compute, float32 params): ``torch.autocast`` on the device of
-      the tensors. Under a ``torch.func`` transform (``vmap``, ``grad``, ...) the parameters
-      and buffers are also cast to the compute dtype explicitly, because autocast alone loses
-      the dtype there (``nn.Linear`` with bias returns float32 under ``vmap``, pytorch issue
-      192617; ``vmap(grad(...))`` through ``LayerNorm`` fails, pytorch issue 184890).
-      The check is ``torch._C._are_functorch_transforms_active()``, which
-      ``torch.compile(fullgraph=True)`` traces.
+      the tensors, with the parameters and buffers as they are. Inside a ``torch.func``
+      transform (``vmap``, ``grad``, ...), where autocast alone loses dtypes (``nn.Linear``
+      with bias returns float32 under ``vmap``, pytorch issue 192617; ``vmap(grad(...))``
+      through ``LayerNorm`` fails, pytorch issue 184890), a ``TorchFunctionMode`` also makes
+      autocast's casts itself, op by op, from torch's own per-op lists: the numerics are
+      autocast's, and the parameters stay float32. The check is
+      ``torch._C._are_functorch_transforms_active()``, which ``torch.compile`` traces.
     * every other policy ("true" 16-bit, float32, float64, float64 params with 16-bit
       compute, which autocast does not cast): parameters and buffers are cast
       to the compute dtype explicitly and autocast is switched off.
@@ -159,6 +176,14 @@ def apply_with_policy(
     running statistics in training mode) land in the copy unless the buffers are already in
     the compute dtype (``cast_params`` the buffers too, or keep BatchNorm in float32 with
     :class:`~polprec.PolicyRules`).
+
+    Tied weights (one tensor under several names, such as an embedding and the output layer
+    that shares it) may be passed under one name or under all of them as the same tensor;
+    with :class:`~polprec.PolicyRules` each module that uses the tensor computes with it in
+    its own compute dtype. Objects that are no pytree, such as a transformers cache, pass
+    through as they are. Gradient checkpointing (``torch.utils.checkpoint``) inside the
+    module is refused with an error: its recomputation would read the module's own
+    parameters instead of ``params_and_buffers``.
 
     Args:
         module: the ``nn.Module`` whose ``forward`` runs.
@@ -171,6 +196,15 @@ def apply_with_policy(
             (precision islands).
         strict: as for ``functional_call``: every parameter and buffer must be given.
         tie_weights: as for ``functional_call``.
+        keep_dtype: keyword names (``"labels"``) and positional indices of inputs that a
+            policy that casts inputs passes on in their own dtype; names and indices that a
+            call does not have are ignored.
+
+    Raises:
+        TypeError, ValueError: bad arguments, names that are no parameter or buffer of
+            ``module``, different tensors under tied names.
+        RuntimeError: the module uses ``torch.utils.checkpoint`` on parameters other than
+            its own.
 
     Examples:
         >>> import torch
@@ -201,23 +235,63 @@ def apply_with_policy(
             "apply_with_policy needs policy=..., by keyword: a Policy, PolicyRules or any spec "
             "get_policy accepts, e.g. apply_with_policy(module, params, args, policy='bf16-mixed')"
         )
-    _context.check_names(module, params_and_buffers)
+    params = _merged(params_and_buffers)
+    _context.check_names(module, params)
+    keep = _keep_dtype(keep_dtype)
+    args = _as_args(args)
     if isinstance(policy, PolicyRules):
-        return apply_rules(
-            policy, module, params_and_buffers, _as_args(args), dict(kwargs), strict, tie_weights
-        )
+        return apply_rules(policy, module, params, args, dict(kwargs), strict, tie_weights, keep)
     policy = get_policy(policy)
-    args = policy.cast_to_compute(_as_args(args))
-    kwargs = policy.cast_to_compute(dict(kwargs)) if kwargs else {}
-    device_type = _context.device_type(params_and_buffers, args, kwargs)
-    params_and_buffers = _context.params_for_compute(policy, params_and_buffers)
-    with _context.policy_context(policy, device_type):
-        out = torch.func.functional_call(
-            module,
-            params_and_buffers,  # type: ignore[arg-type]
-            args,
-            dict(kwargs),
-            strict=strict,
-            tie_weights=tie_weights,
-        )
+    args, kwargs = _context.cast_inputs(policy, args, dict(kwargs), keep)
+    device_type = _context.device_type(params, args, kwargs)
+    params = _context.params_for_compute(policy, params)
+    with (
+        _context.policy_context(policy, device_type),
+        _context.transform_casts(device_type, policy.is_mixed),
+    ):
+        out = _checkpointing.call(module, params, args, kwargs, strict, tie_weights)
     return policy.cast_to_output(out)
+
+
+def _merged(params_and_buffers: Mapping[str, Any] | tuple[Mapping[str, Any], ...]) -> Any:
+    """One dict of tensors by name; ``functional_call``'s tuple of dicts is merged."""
+    if not isinstance(params_and_buffers, tuple):
+        return params_and_buffers
+    merged: dict[str, Any] = {}
+    for d in params_and_buffers:
+        if not isinstance(d, Mapping):
+            raise TypeError(
+                "params_and_buffers as a tuple holds dicts of tensors by name, got a "
+                f"{type(d).__name__} in it"
+            )
+        twice = sorted(k for k in d if k in merged)
+        if twice:
+            raise ValueError(
+                f"params_and_buffers: the keys {twice} appear in more than one of its dicts; "
+                "each parameter or buffer may be given once"
+            )
+        merged.update(d)
+    return merged
+
+
+_NOTHING_KEPT: frozenset[str | int] = frozenset()
+
+
+def _keep_dtype(keep_dtype: Any) -> frozenset[str | int]:
+    """``keep_dtype`` checked: keyword names and positional indices of inputs left uncast."""
+    if keep_dtype == ():
+        return _NOTHING_KEPT
+    if isinstance(keep_dtype, str) or not isinstance(keep_dtype, Collection):
+        raise TypeError(
+            f"keep_dtype takes a collection of keyword names and positional indices, e.g. "
+            f"keep_dtype=('labels',), got {keep_dtype!r}"
+        )
+    for item in keep_dtype:
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise TypeError(
+                f"keep_dtype holds keyword names (str) and positional indices (int), got "
+                f"{item!r} of type {type(item).__name__}"
+            )
+        if isinstance(item, int) and item < 0:
+            raise ValueError(f"keep_dtype: positional indices start at 0, got {item}")
+    return frozenset(keep_dtype)

@@ -6,96 +6,19 @@ chunks, their scaled gradients are summed in float32, and the loss scale is adju
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from polprec import _fused, _tree
+from polprec import _fused, _grad_checks, _tree
 from polprec._checks import check_int
 from polprec.distributed import all_finite_across, check_process_group
-from polprec.loss_scale import (
-    DynamicLossScale,
-    LossScale,
-    NoOpLossScale,
-    StaticLossScale,
-    check_loss_scale,
-)
+from polprec.loss_scale import LossScale, NoOpLossScale
 from polprec.scaling import scale_loss, unscale_and_check
 from polprec.tree import stack_trees
 
 __all__ = ["value_and_grad"]
-
-
-def _split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
-    if has_aux:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError(
-                "with has_aux=True the loss function must return a (loss, aux) tuple, got "
-                f"{type(out).__name__}"
-            )
-        loss, aux = out
-    else:
-        loss, aux = out, None
-    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point() or loss.dim() != 0:
-        hint = " (did you mean has_aux=True?)" if isinstance(out, tuple) and not has_aux else ""
-        raise TypeError(
-            "the loss function must return a floating-point scalar tensor"
-            f"{' as the first element' if has_aux else ''}, got "
-            f"{type(loss).__name__}"
-            f"{'' if not isinstance(loss, torch.Tensor) else f' of dtype {loss.dtype} and shape {tuple(loss.shape)}'}"
-            f"{hint}"
-        )
-    return loss, aux
-
-
-def _check_loss_scale_arg(loss_scale: Any, args: tuple[Any, ...]) -> LossScale:
-    """The ``loss_scale=`` keyword, or an error that says how to pass it."""
-    if loss_scale is None:
-        if args and isinstance(args[-1], NoOpLossScale | StaticLossScale | DynamicLossScale):
-            raise TypeError(
-                f"loss_scale was given as positional argument {len(args)} after params; pass "
-                "it by keyword: grad_fn(params, *batch, loss_scale=state)"
-            )
-        raise TypeError(
-            "the function value_and_grad returns needs loss_scale=<state>, got loss_scale=None: "
-            "start from loss_scale=pp.default_loss_scale(policy) (pp.NoOpLossScale() for no "
-            "scaling) and pass on the state each call returns"
-        )
-    return check_loss_scale(loss_scale)
-
-
-def _history_grows(x: torch.Tensor) -> bool:
-    """Whether ``x`` was computed from a tensor that was itself computed (two graph levels).
-
-    A parameter cast once (``cast_params`` of ``nn.Parameter``s) has one level; an update of
-    it (``p - lr * g``) has two, and every further step adds one.
-    """
-    fn = x.grad_fn
-    return fn is not None and any(n is not None and n.next_functions for n, _ in fn.next_functions)
-
-
-def _check_params(params: Any, leaves: list[Any], diff: list[torch.Tensor]) -> None:
-    _tree.check_tree(params, "params")
-    if not diff:
-        kinds = sorted(
-            {type(x).__name__ if not isinstance(x, torch.Tensor) else str(x.dtype) for x in leaves}
-        )
-        raise ValueError(
-            "params has no floating-point tensor to differentiate"
-            + (f" (its leaves are {', '.join(kinds)})" if kinds else " (it is empty)")
-            + "; pass the parameters, e.g. {k: v.detach() for k, v in model.named_parameters()}"
-        )
-    if not _fused.tracing() and any(_history_grows(x) for x in diff):
-        warnings.warn(
-            "params carry a growing autograd history: every update built from them extends "
-            "the graph, so memory and time grow with each step. Detach them once, e.g. "
-            "params = {k: v.detach() for k, v in model.named_parameters()}, or update them "
-            "under torch.no_grad()",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _argument_name(path: tuple[Any, ...]) -> str:
@@ -192,16 +115,26 @@ def value_and_grad(
     def grad_fn(
         params: Any, *args: Any, loss_scale: LossScale | None = None, **kwargs: Any
     ) -> tuple[Any, Any, torch.Tensor, LossScale]:
-        loss_scale = _check_loss_scale_arg(loss_scale, args)
+        loss_scale = _grad_checks.check_loss_scale_arg(loss_scale, args)
         leaves, spec = _tree.tree_flatten(params)
         idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
-        diff = [leaves[i] for i in idx]
-        _check_params(params, leaves, diff)
+        # One differentiated input per distinct tensor: a tensor under two names (weights tied
+        # and named twice) stays one tensor, and both names get its whole gradient.
+        diff: list[torch.Tensor] = []
+        slot: list[int] = []
+        first = _tree.TensorMemo()
+        for i in idx:
+            j = first.get(leaves[i])
+            if j is None:
+                j = first.put(leaves[i], len(diff))
+                diff.append(leaves[i])
+            slot.append(j)
+        _grad_checks.check_params(params, leaves, diff)
 
         def rebuild(new: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
             full = list(leaves)
-            for i, x in zip(idx, new, strict=True):
-                full[i] = x
+            for i, j in zip(idx, slot, strict=True):
+                full[i] = new[j]
             return _tree.tree_unflatten(spec, full)
 
         def scaled_grads(
@@ -229,8 +162,8 @@ def value_and_grad(
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
         grads_full: list[Any] = [None] * len(leaves)
-        for i, g in zip(idx, dgrads, strict=True):
-            grads_full[i] = g
+        for i, j in zip(idx, slot, strict=True):
+            grads_full[i] = dgrads[j]
         grads = _tree.tree_unflatten(spec, grads_full)
         new_scale = loss_scale.adjust(finite)
         return ((loss, aux) if has_aux else loss), grads, finite, new_scale
@@ -256,15 +189,17 @@ def _scaled_grads(
     if not _fused.tracing():
         inputs = [x.detach().requires_grad_() for x in diff]
         with torch.enable_grad():
-            loss, aux = _split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
+            loss, aux = _grad_checks.split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
             got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
         dgrads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
         aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
         return loss.detach(), aux, dgrads, _fused.owned(dgrads)
 
     def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        loss, aux = _split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
+        loss, aux = _grad_checks.split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
         # torch.func's aux may hold only tensors: pass `aux` on only when there is one.
+        if has_aux:
+            _grad_checks.check_traced_aux(aux)
         return scale(loss), ((loss, aux) if has_aux else (loss,))
 
     dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)

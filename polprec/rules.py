@@ -5,37 +5,29 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from polprec import _tree
+from polprec import _context, _tree
+from polprec._rule_keys import (
+    Key,
+    check_class_names,
+    check_key,
+    keep_in_fp32_patterns,
+    key_name,
+    literal_chars,
+    owner,
+    tensor_uses,
+    unmatched_hint,
+)
 from polprec.policy import Policy, PolicySpec, get_policy
 
 __all__ = ["PolicyRules"]
 
-Key = type[nn.Module] | str
 _UNMATCHED = ("error", "warn", "ignore")
-
-
-def _check_pattern(pattern: str) -> None:
-    if not pattern or pattern != pattern.strip() or " " in pattern:
-        raise ValueError(
-            f"bad path pattern {pattern!r}: use a non-empty glob over dotted module or "
-            "parameter paths without spaces, e.g. 'head.*', '*.norm*', 'encoder.layers.0.*'"
-        )
-    if pattern.count("[") != pattern.count("]"):
-        raise ValueError(f"bad path pattern {pattern!r}: unbalanced '[' ']' in the glob")
-
-
-def _literal_chars(pattern: str) -> int:
-    return sum(1 for c in pattern if c not in "*?[]")
-
-
-def _key_name(key: Key) -> str:
-    return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -44,7 +36,9 @@ class PolicyRules:
 
     Keys are ``nn.Module`` subclasses (``nn.BatchNorm2d``: every instance, subclasses
     included) or glob patterns over dotted paths (``"head.*"``, ``"*.norm*"``); a pattern that
-    matches everything inside a module (``"head.*"``) matches that module too. A module's
+    matches everything inside a module (``"head.*"``) matches that module too, and one made of
+    identifier characters (``"LayerNorm"``) also names the classes of that name in a module's
+    MRO, ranked as those classes (a class you need not import). A module's
     policy is the most specific rule that matches it, else its parent's (a rule covers the
     module's whole subtree), else the default:
 
@@ -53,10 +47,11 @@ class PolicyRules:
     * two different policies tied for most specific are a ``ValueError``.
 
     In :func:`~polprec.apply_with_policy` a module whose policy differs from its parent's
-    runs as an island: its floating inputs are cast to its compute dtype, autocast is set for
-    its policy (on for mixed policies, off otherwise), its parameters are cast to its compute
-    dtype where autocast does not do it, and its floating outputs are cast to its output
-    dtype. Modules under a policy without autocast ("true" policies) also get their floating
+    runs as an island: autocast is set for its policy (on for mixed policies, off otherwise),
+    its floating inputs are cast to its compute dtype unless the policy is mixed (autocast
+    casts per op), its parameters are cast to its compute dtype where autocast does not do it
+    (a tied tensor for each module that uses it), and its floating outputs are cast to its
+    output dtype. Modules under a policy without autocast ("true" policies) also get their floating
     inputs cast to their compute dtype, so an island's float32 output meets a bfloat16
     ``nn.Linear`` after it in bfloat16; code between modules (a residual ``x + h``) follows
     torch's type promotion.
@@ -107,20 +102,14 @@ class PolicyRules:
             if not (isinstance(item, tuple) and len(item) == 2):
                 raise TypeError(f"rules must be (key, policy) pairs, got {item!r}")
             key, spec = item
-            if isinstance(key, str):
-                _check_pattern(key)
-            elif not (isinstance(key, type) and issubclass(key, nn.Module)):
-                raise TypeError(
-                    f"rule key {key!r} must be an nn.Module subclass (e.g. nn.LayerNorm) or a "
-                    "glob pattern over module/parameter paths (e.g. 'head.*')"
-                )
+            check_key(key)
             if key in seen:
-                raise ValueError(f"rule key {_key_name(key)!r} is given twice")
+                raise ValueError(f"rule key {key_name(key)!r} is given twice")
             seen.add(key)
             try:
                 checked.append((key, get_policy(spec)))
             except (TypeError, ValueError) as err:
-                raise type(err)(f"rule {_key_name(key)!r}: {err}") from None
+                raise type(err)(f"rule {key_name(key)!r}: {err}") from None
         object.__setattr__(self, "default", get_policy(default))
         object.__setattr__(self, "rules", tuple(checked))
         object.__setattr__(self, "on_unmatched", on_unmatched)
@@ -133,13 +122,16 @@ class PolicyRules:
         """Every rule matching ``path`` (and ``module``'s class), most specific first."""
         ranked: list[tuple[tuple[int, int], Key, Policy]] = []
         mro = type(module).__mro__ if module is not None else ()
+        names = [cls.__name__ for cls in mro]
         for key, policy in self.rules:
             if isinstance(key, str):
                 # "head.*" names head's contents; as a module rule it covers head itself too.
                 if fnmatch.fnmatchcase(path, key) or (
                     not param and path and fnmatch.fnmatchcase(path + ".", key)
                 ):
-                    ranked.append(((3 if param else 2, _literal_chars(key)), key, policy))
+                    ranked.append(((3 if param else 2, literal_chars(key)), key, policy))
+                elif key in names:  # a class given by name: ranked as the class
+                    ranked.append(((1, -names.index(key)), key, policy))
             elif key in mro:
                 ranked.append(((1, -mro.index(key)), key, policy))
         ranked.sort(key=lambda r: r[0], reverse=True)
@@ -161,8 +153,8 @@ class PolicyRules:
             if other[2] != top[2]:
                 raise ValueError(
                     f"conflicting rules for {'parameter' if param else 'module'} "
-                    f"{path or '<root>'!r}: {_key_name(top[1])!r} -> {top[2]} and "
-                    f"{_key_name(other[1])!r} -> {other[2]} are equally specific; make one "
+                    f"{path or '<root>'!r}: {key_name(top[1])!r} -> {top[2]} and "
+                    f"{key_name(other[1])!r} -> {other[2]} are equally specific; make one "
                     "more specific or merge them"
                 )
         return top[1], top[2]
@@ -185,7 +177,7 @@ class PolicyRules:
                 plan[path] = best[1]
             else:
                 plan[path] = plan[path.rpartition(".")[0]] if path else self.default
-        for name, _ in _named_tensors(module):
+        for name in _context.own_tensors(module):
             self._best(name, None, param=True, used=used)
         self._report_unmatched(used, module)
         return plan
@@ -194,11 +186,16 @@ class PolicyRules:
         unmatched = [k for k, _ in self.rules if k not in used]
         if not unmatched or self.on_unmatched == "ignore":
             return
-        paths = [p for p, _ in module.named_modules() if p][:12]
+        paths = [p for p, _ in module.named_modules() if p]
+        hints = "".join(
+            f"; {key_name(k)!r}: did you mean {hint}?"
+            for k in unmatched
+            if (hint := unmatched_hint(k, module, paths))
+        )
         message = (
-            f"rules {[_key_name(k) for k in unmatched]} match no module or parameter of "
-            f"{type(module).__name__} (module paths include {paths}); fix the pattern or class, "
-            "or pass on_unmatched='warn'/'ignore'"
+            f"rules {[key_name(k) for k in unmatched]} match no module or parameter of "
+            f"{type(module).__name__} (module paths include {paths[:12]}){hints}; fix the "
+            "pattern or class, or pass on_unmatched='warn'/'ignore'"
         )
         if self.on_unmatched == "error":
             raise ValueError(message)
@@ -218,7 +215,9 @@ class PolicyRules:
 
         Names are the dotted key paths of ``params`` (``dict(model.named_parameters())``
         gives the module's own names). Class rules need ``module`` to know which class owns
-        each parameter.
+        each parameter. A tensor used under several names (weights tied in ``module``, or one
+        tensor given under two names) is cast once, to the widest param dtype of its names,
+        and shared by all of them.
         """
         has_class_rules = any(not isinstance(k, str) for k, _ in self.rules)
         if module is None and has_class_rules:
@@ -227,38 +226,61 @@ class PolicyRules:
                 "parameter's owning module (and its class) is known"
             )
         plan = self.resolve(module) if module is not None else None
+        if plan is None:
+            check_class_names(self.rules, params)
 
-        def cast(name: str, x: Any) -> Any:
+        def param_dtype(name: str) -> torch.dtype:
             best = self._best(name, None, param=True)
             if best is not None:
-                policy = best[1]
-            elif plan is not None:
-                policy = plan.get(owner(name, plan), self.default)
-            else:
-                owner_rule = self._best(name.rpartition(".")[0], None, param=False)
-                policy = owner_rule[1] if owner_rule else self.default
-            return policy.cast_to_param(x)
+                return best[1].param_dtype
+            if plan is not None:
+                return plan.get(owner(name, plan), self.default).param_dtype
+            owner_rule = self._best(name.rpartition(".")[0], None, param=False)
+            return (owner_rule[1] if owner_rule else self.default).param_dtype
 
-        return map_named(params, cast)
+        uses = tensor_uses(params, module)  # tensor -> every name it is used under
 
+        def widest(x: torch.Tensor) -> torch.dtype:
+            names = sorted(uses.get(x))
+            dtype = param_dtype(names[0])
+            for name in names[1:]:
+                dtype = torch.promote_types(dtype, param_dtype(name))
+            return dtype
 
-def owner(name: str, plan: Mapping[str, Policy]) -> str:
-    """The deepest module path in ``plan`` that owns the tensor called ``name``."""
-    owner = name.rpartition(".")[0]
-    while owner and owner not in plan:
-        owner = owner.rpartition(".")[0]
-    return owner
+        return _tree.cast_floating_by(params, widest)
 
+    def keep_in_fp32(self, module: nn.Module, policy: PolicySpec = None) -> PolicyRules:
+        """These rules plus the modules ``module`` declares must stay float32 (transformers).
 
-def _named_tensors(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters()
-    yield from module.named_buffers()
+        Hugging Face transformers models list such modules in ``_keep_in_fp32_modules``
+        (honoured when loading in float16, as a guard against float16 overflow: T5's ``wo``)
+        and ``_keep_in_fp32_modules_strict`` (honoured for float16 and bfloat16). Each entry
+        that applies to this rules' default (its param or compute dtype) and matches a path of
+        ``module`` becomes the pattern ``"*entry*"`` (transformers matches entries anywhere in
+        a parameter's name) with ``policy``: by default float32 params and compute, outputs
+        in the default's compute dtype. Patterns already among the rules are kept as they are.
 
-
-def map_named(tree: Any, fn: Callable[[str, Any], Any]) -> Any:
-    """Map ``fn(dotted_path, leaf)`` over ``tree`` (or over a tuple of dicts)."""
-    if isinstance(tree, tuple) and all(isinstance(t, Mapping) for t in tree):
-        return tuple(map_named(t, fn) for t in tree)  # functional_call's tuple form
-    paths, leaves, spec = _tree.tree_flatten_with_path(tree)
-    out = [fn(".".join(str(k) for k in p), x) for p, x in zip(paths, leaves, strict=True)]
-    return _tree.tree_unflatten(spec, out)
+        Examples:
+            >>> from torch import nn
+            >>> class T5Like(nn.Sequential):
+            ...     _keep_in_fp32_modules = ["wo"]
+            >>> model = T5Like()
+            >>> model.add_module("wi", nn.Linear(4, 8))
+            >>> model.add_module("wo", nn.Linear(8, 4))
+            >>> rules = PolicyRules("16-true").keep_in_fp32(model)
+            >>> rules.rules[-1][0], str(rules.rules[-1][1])
+            ('*wo*', 'params=float32,compute=float32,output=float16')
+            >>> PolicyRules("bf16-true").keep_in_fp32(model).rules  # not strict: float16 only
+            ()
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if policy is None:
+            keep = Policy(torch.float32, torch.float32, self.default.compute_dtype)
+        else:
+            keep = get_policy(policy)
+        rules = list(self.rules)
+        for pattern in keep_in_fp32_patterns(module, self.default):
+            if pattern not in dict(rules):
+                rules.append((pattern, keep))
+        return PolicyRules(self.default, rules, on_unmatched=self.on_unmatched)

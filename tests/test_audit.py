@@ -584,6 +584,18 @@ BAD_INPUT: dict[str, list[Case]] = {
              lambda: pp.apply_with_policy(LIN, {"head.bias": torch.zeros(2)}, torch.ones(1, 3),
                                           policy=pp.PolicyRules("bf16-mixed")),
              ValueError, "'head.bias'"),
+        case("keep_dtype-str",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype="labels"),  # type: ignore[arg-type]
+             TypeError, "keep_dtype=('labels',)"),
+        case("keep_dtype-float",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype=[1.0]),  # type: ignore[list-item]
+             TypeError, "1.0 of type float"),
+        case("keep_dtype-negative",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), policy=32, keep_dtype=[-1]),
+             ValueError, "start at 0"),
+        case("tuple-of-dicts-twice",
+             lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
+             ValueError, "['bias', 'weight'] appear in more than one"),
     ],
     "autocast": [
         case("policy-nope", lambda: pp.autocast("nope"), ValueError, "'nope'"),
@@ -710,6 +722,15 @@ BAD_INPUT: dict[str, list[Case]] = {
     ],
     "PolicyRules.cast_params": [
         case("class-rule-without-module", _class_rules_without_module, ValueError, "module="),
+        case("class-name-without-module",
+             lambda: pp.PolicyRules("bf16-true", {"LayerNorm": 32}).cast_params(PARAMS),
+             ValueError, "rule 'LayerNorm' matches no parameter path", "module="),
+    ],
+    "PolicyRules.keep_in_fp32": [
+        case("str-module", lambda: pp.PolicyRules("16-true").keep_in_fp32("model"), TypeError,  # type: ignore[arg-type]
+             "nn.Module"),
+        case("policy-fp8", lambda: pp.PolicyRules("16-true").keep_in_fp32(LIN, "fp8"), ValueError,
+             "accepted"),
     ],
     # --- polprec.distributed -------------------------------------------------------------
     "all_finite_across": [

@@ -1,0 +1,134 @@
+"""Refusing gradient checkpointing that would recompute from the module's own tensors.
+
+``torch.utils.checkpoint`` (what ``gradient_checkpointing_enable()`` turns on in a transformers
+model) recomputes the checkpointed part of the forward during the backward pass. By then
+``functional_call`` has put the module's own parameters back, so the recomputation reads those
+instead of the tensors that were passed in, and the gradients are wrong (or, where the dtypes
+differ, the recomputation fails its own consistency check). Neither can be repaired from
+outside: nothing of the call is left when the backward pass runs. So polprec refuses it, in
+eager mode whenever the tensors passed differ from the module's own:
+
+* the non-reentrant checkpoint (``use_reentrant=False``, the default of recent transformers)
+  installs saved-tensors hooks; ``torch.autograd.graph.disable_saved_tensors_hooks`` makes that
+  raise :data:`MESSAGE` at once. (Where hooks are already active around the call, an outer
+  ``checkpoint`` or ``save_on_cpu``, they cannot be disabled, and the check is skipped.)
+* the reentrant checkpoint leaves a ``CheckpointFunctionBackward`` node in the graph of the
+  outputs, which :meth:`Guard.check` looks for (``torch.autograd.grad`` runs that node too,
+  so the walk is needed under :func:`polprec.value_and_grad` as well).
+
+Under ``torch.func`` transforms torch refuses checkpointing itself, and under ``torch.compile``
+the parameters are inputs of the traced graph, so neither is checked here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from polprec import _context, _fused, _tree
+
+__all__ = ["MESSAGE", "Guard", "call"]
+
+MESSAGE = (
+    "apply_with_policy cannot run a module that uses gradient checkpointing "
+    "(torch.utils.checkpoint, e.g. a transformers model after gradient_checkpointing_enable()): "
+    "the backward pass recomputes the checkpointed layers after apply_with_policy has put the "
+    "module's own parameters back, so their gradients would be computed from those and not "
+    "from the params you passed. Turn checkpointing off (model.gradient_checkpointing_disable()), "
+    "or checkpoint around apply_with_policy with the params as inputs, e.g. "
+    "torch.utils.checkpoint.checkpoint(lambda p, x: pp.apply_with_policy(layer, p, x, "
+    "policy=policy), layer_params, x, use_reentrant=False)"
+)
+
+
+def _substitutes(module: nn.Module, params: Mapping[str, Any]) -> bool:
+    """Whether some tensor in ``params`` is not the module's own tensor of that name."""
+    param_names = _context.parameter_names(module, params)
+    if any(
+        isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
+        for k, v in params.items()
+        if k in param_names
+    ):
+        return True  # a plain tensor where the module holds a Parameter: no walk needed
+    own = _context.own_tensors(module)
+    return any(own.get(k) is not v for k, v in params.items())
+
+
+def _has_reentrant_checkpoint(outputs: list[torch.Tensor], stop: set[Any]) -> bool:
+    """Whether the graph of ``outputs`` (down to ``stop``) holds a reentrant checkpoint."""
+    seen = set(stop)
+    stack = []
+    for x in outputs:
+        if x.grad_fn is not None and x.grad_fn not in seen:
+            seen.add(x.grad_fn)
+            stack.append(x.grad_fn)
+    while stack:
+        node = stack.pop()
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+class Guard:
+    """Around ``functional_call``: refuses checkpointing of substituted tensors (see above)."""
+
+    def __init__(self, module: nn.Module, params: Mapping[str, Any], inputs: Any) -> None:
+        self.active = (
+            torch.is_grad_enabled() and not _fused.tracing() and _substitutes(module, params)
+        )
+        self._inputs = inputs
+        self._hooks: Any = None
+
+    def __enter__(self) -> Guard:
+        if self.active:
+            hooks = torch.autograd.graph.disable_saved_tensors_hooks(MESSAGE)
+            with contextlib.suppress(RuntimeError):  # hooks already active around the call
+                hooks.__enter__()
+                self._hooks = hooks
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+
+    def check(self, out: Any) -> None:
+        """Raise :data:`MESSAGE` if ``out`` was computed through a reentrant checkpoint."""
+        if not self.active:
+            return
+        outputs = [x for x in _tensors(out) if x.requires_grad]
+        if not outputs:
+            return
+        stop = {x.grad_fn for x in _tensors(self._inputs) if x.grad_fn is not None}
+        if _has_reentrant_checkpoint(outputs, stop):
+            raise RuntimeError(MESSAGE)
+
+
+def call(
+    module: nn.Module,
+    params: dict[str, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    strict: bool,
+    tie_weights: bool,
+) -> Any:
+    """``functional_call`` with the :class:`Guard` around it."""
+    with Guard(module, params, (args, kwargs)) as guard:
+        out = torch.func.functional_call(
+            module, params, args, kwargs, strict=strict, tie_weights=tie_weights
+        )
+    guard.check(out)
+    return out
