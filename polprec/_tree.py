@@ -146,3 +146,13 @@ def map_floating(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
     """Cast floating tensor leaves to ``dtype``; every other leaf is returned as is."""
     return map_floating(tree, lambda x: x if x.dtype == dtype else x.to(dtype))
+
+
+def flatten_up_to(spec: TreeSpec, tree: Any) -> list[Any]:
+    """The subtrees of ``tree`` at the leaves of ``spec``, in leaf order.
+
+    ``tree`` must have ``spec``'s structure as a prefix: where ``spec`` has a leaf, ``tree``
+    may hold anything, ``None`` included (a ``None`` gradient or an absent optimizer moment).
+    Raises ``ValueError`` when the structures differ above the leaves.
+    """
+    return list(spec.flatten_up_to(tree))
