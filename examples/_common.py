@@ -1,4 +1,4 @@
-"""Pieces the examples share: the digits data, a functional Adam, and small report helpers.
+"""Pieces the examples share: the digits data, a functional Adam, progress and report helpers.
 
 Everything here is pure: the optimizer state is a dict of tensors, and ``adam_update``
 returns new parameters and a new state without touching its inputs, so a step can be
@@ -12,10 +12,15 @@ import contextlib
 import math
 import os
 import statistics
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Generic, NamedTuple, TypeVar
 
 import torch
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 Tree = dict[str, torch.Tensor]
 
@@ -51,7 +56,11 @@ def make_parser(
         default=threads,
         help="torch intra-op threads" + (" (default: torch's choice)" if threads is None else ""),
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (a bar on a terminal, else a line on stderr every 30 s and per run)",
+    )
     return parser
 
 
@@ -142,6 +151,77 @@ def threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class Progress(Generic[T]):
+    """Iterate over ``items`` and show progress on stderr: a tqdm bar on a terminal, else lines.
+
+    A bar redraws itself with carriage returns, which in a log file or a pipe become one
+    line of many kilobytes. When the stream is not a terminal, a plain line goes out instead
+    every ``interval`` seconds and once when the loop ends. ``quiet`` shows nothing.
+    """
+
+    def __init__(
+        self,
+        items: Iterable[T],
+        *,
+        desc: str,
+        total: int | None = None,
+        quiet: bool = False,
+        interval: float = 30.0,
+        stream: IO[str] | None = None,
+    ) -> None:
+        self._items = items
+        self._desc = desc
+        self._total = total if total is not None else _length(items)
+        self._quiet = quiet
+        self._interval = interval
+        self._stream = stream if stream is not None else sys.stderr
+        self._postfix: dict[str, Any] = {}
+        isatty = getattr(self._stream, "isatty", None)
+        self._bar: Any = None
+        if not quiet and callable(isatty) and isatty():
+            self._bar = tqdm(items, desc=desc, total=total, leave=False, file=self._stream)
+
+    def __iter__(self) -> Iterator[T]:
+        if self._bar is not None:
+            yield from self._bar
+            return
+        start = last = time.perf_counter()
+        done = 0
+        for item in self._items:
+            yield item
+            done += 1
+            now = time.perf_counter()
+            if not self._quiet and now - last >= self._interval:
+                self._line(done, now - start)
+                last = now
+        if not self._quiet:
+            self._line(done, time.perf_counter() - start, end=True)
+
+    def set_postfix(self, **values: Any) -> None:
+        """Values shown after the count (tqdm's ``set_postfix``), e.g. the latest loss."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+        self._postfix.update(values)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def _line(self, done: int, seconds: float, *, end: bool = False) -> None:
+        count = f"{done}/{self._total}" if self._total is not None else str(done)
+        extra = "".join(f", {k}={v}" for k, v in self._postfix.items())
+        state = "done" if end else "step"
+        print(f"{self._desc}: {state} {count} in {seconds:.1f} s{extra}", file=self._stream)
+        self._stream.flush()
+
+
+def _length(items: Iterable[Any]) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from _common import (
+    Progress,
     adam_init,
     adam_update,
     make_parser,
@@ -43,7 +44,6 @@ from _common import (
     threads,
 )
 from torch import nn
-from tqdm import tqdm
 
 import polprec as pp
 
@@ -150,7 +150,7 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
         return torch.stack([source[s : s + span] for s in starts.tolist()])
 
     losses, seconds = [], []
-    bar = tqdm(range(args.steps), desc=precision, disable=args.quiet, leave=False)
+    bar = Progress(range(args.steps), desc=precision, quiet=args.quiet)
     for i in bar:
         tokens = sample(train_text)
         start = time.perf_counter()

@@ -1,9 +1,10 @@
 """Data-parallel mixed-precision training with polprec and torch.distributed (CPU, gloo).
 
-Launch two processes on this machine::
+Launch two processes on this machine (``polprec run --devices 2`` is ``fabric run --devices 2``;
+``torchrun --nproc_per_node=2 examples/ddp_train.py`` starts the same two)::
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py
-    torchrun --nproc_per_node=2 examples/ddp_train.py --precision bf16-mixed --nan-step 40
+    polprec run --devices 2 examples/ddp_train.py
+    polprec run --devices 2 examples/ddp_train.py --precision bf16-mixed --nan-step 40
 
 (``python examples/ddp_train.py`` runs the same code as a single process.)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from _common import (
+    Progress,
     Tree,
     accuracy,
     adam_init,
@@ -42,7 +43,6 @@ from _common import (
 )
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm import tqdm
 from train_digits import make_model
 
 import polprec as pp
@@ -123,12 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     skipped = torch.zeros(n, dtype=torch.int64)
     seconds, losses = [], []
-    for member_idx in tqdm(
-        zip(*plans, strict=True),
-        total=args.steps,
-        desc=f"{n} members",
-        disable=args.quiet,
-        leave=False,
+    for member_idx in Progress(
+        zip(*plans, strict=True), total=args.steps, desc=f"{n} members", quiet=args.quiet
     ):
         idx = torch.stack(member_idx)
         start = time.perf_counter()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from _common import (
     Digits,
+    Progress,
     Tree,
     accuracy,
     adam_init,
@@ -39,7 +40,6 @@ from _common import (
 )
 from torch import nn
 from torch.func import grad, vmap
-from tqdm import tqdm
 from train_digits import make_model
 
 import polprec as pp
@@ -85,11 +85,10 @@ def train(data: Digits, name: str, policy: pp.Policy, args: argparse.Namespace) 
     noise_gen = torch.Generator().manual_seed(args.seed)
     max_raw, max_clipped = torch.zeros(()), torch.zeros(())
     seconds = []
-    bar = tqdm(
+    bar = Progress(
         batches(len(data.y_train), args.batch_size, args.steps, args.seed),
         desc=name,
-        disable=args.quiet,
-        leave=False,
+        quiet=args.quiet,
     )
     for idx in bar:
         start = time.perf_counter()

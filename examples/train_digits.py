@@ -12,7 +12,8 @@ ones when the gradients overflowed. Parameters live in the policy's param dtype
 
 ``--compare`` trains float32 ("32-true"), "bf16-mixed", "16-mixed" with dynamic loss scaling,
 "bf16-true" and "16-mixed" without loss scaling on the same data from the same start, then
-repeats float32 and the two "16-mixed" runs on a case built to underflow.
+repeats float32 and the two "16-mixed" runs on a case built to underflow. It prints a table,
+a legend of its rows and columns, and one conclusion per comparison drawn from the numbers.
 
 Why the underflow case underflows: its loss is multiplied by a tiny weight (``2**-20``,
 about 1e-6, as a small auxiliary term or a sum divided by a huge count would be). Adam is
@@ -28,6 +29,7 @@ the float32 gradients afterwards, which lifts them back into float16's range.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from _common import (
     Digits,
+    Progress,
     accuracy,
     adam_init,
     adam_update,
@@ -48,7 +51,6 @@ from _common import (
     threads,
 )
 from torch import nn
-from tqdm import tqdm
 
 import polprec as pp
 
@@ -60,6 +62,10 @@ COMPARE = [  # (precision, loss scaling)
     ("16-mixed", "none"),
 ]
 UNDERFLOW = [("32-true", "none"), ("16-mixed", "dynamic"), ("16-mixed", "none")]
+FINAL_WINDOW = 20  # "final CE" averages the last this many training steps
+INITIAL_SCALE = 2.0**15  # of the dynamic runs (DynamicLossScale's default, jmp's)
+# Runs "match" when their test accuracies differ by at most this many points (7 of 449 digits).
+TOLERANCE = 1.5
 
 
 def make_model(hidden: int, seed: int) -> nn.Module:
@@ -80,7 +86,7 @@ def make_loss_scale(kind: str, policy: pp.Policy, period: int) -> pp.LossScale:
     if kind == "auto":
         kind = "dynamic" if policy.uses_float16 else "none"
     if kind == "dynamic":
-        return pp.DynamicLossScale(2.0**15, period=period)
+        return pp.DynamicLossScale(INITIAL_SCALE, period=period)
     return pp.NoOpLossScale()
 
 
@@ -97,6 +103,7 @@ def train(
     model = make_model(args.hidden, args.seed)
     # Detached: the functional update must not chain autograd graphs from step to step.
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
+    start_params = params  # the update is pure: these tensors never change
     opt = adam_init(params)
     scale = make_loss_scale(loss_scale, policy, args.scale_period)
     eps = 1e-8 * loss_weight  # Adam is then invariant to the loss weight
@@ -118,7 +125,7 @@ def train(
     )
     losses, scales, finites, seconds = [], [], [], []
     plan = batches(len(data.y_train), args.batch_size, args.steps, args.seed)
-    bar = tqdm(plan, desc=name, disable=args.quiet, leave=False)
+    bar = Progress(plan, desc=name, quiet=args.quiet)
     for i, idx in enumerate(bar):
         x, y = data.x_train[idx], data.y_train[idx]
         start = time.perf_counter()
@@ -140,11 +147,13 @@ def train(
         "loss scale": type(scale).__name__.removesuffix("LossScale"),
         "loss weight": loss_weight,
         "test acc %": accuracy(logits.float(), data.y_test),
-        "final loss": float(loss_curve[-20:].mean()),
+        # The cross-entropy itself, without the loss weight: the same quantity in every row.
+        "final CE": float(loss_curve[-FINAL_WINDOW:].mean()),
         "step ms": median_ms(seconds),
         "skipped": int((~torch.stack(finites)).sum()),
         "final scale": float(scale.loss_scale),
         "param dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
+        "moved": any(not torch.equal(params[k], p) for k, p in start_params.items()),
         "loss curve": loss_curve,
         "scale curve": torch.stack(scales).float(),
     }
@@ -212,11 +221,150 @@ COLUMNS = [
     ("loss scale", "s"),
     ("loss weight", power_of_two),
     ("test acc %", ".1f"),
-    ("final loss", ".4f"),
+    ("final CE", ".4f"),
     ("step ms", ".2f"),
     ("skipped", "d"),
     ("final scale", power_of_two),
 ]
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def legend(rows: Sequence[dict[str, Any]], args: argparse.Namespace, n_test: int) -> list[str]:
+    """What each row and column of the table means, for the runs in ``rows``."""
+    policies = {spec: pp.get_policy(spec) for spec in dict.fromkeys(r["precision"] for r in rows)}
+    dtypes = "; ".join(
+        f"{spec} = {_dtype(p.param_dtype)} params, {_dtype(p.compute_dtype)} compute"
+        for spec, p in policies.items()
+    )
+    weights = ", ".join(power_of_two(w) for w in dict.fromkeys(r["loss weight"] for r in rows))
+    if len(rows) > 1:
+        runs = "every row trains the same MLP from the same start on the same batches"
+    else:
+        runs = "one training run"
+    window = min(FINAL_WINDOW, args.steps)
+    return [
+        f"Legend: {runs} ({args.steps} steps of {args.batch_size} examples).",
+        f"  precision    the policy: {dtypes}",
+        f"  loss scale   Dynamic = pp.DynamicLossScale (starts at {power_of_two(INITIAL_SCALE)}, "
+        f"doubles after {args.scale_period} finite steps in a row, halves on an overflow); "
+        "NoOp = no loss scaling",
+        f"  loss weight  the factor the loss is multiplied by: {weights}",
+        f"  test acc %   accuracy on the {n_test} held-out digits (chance: 10%)",
+        f"  final CE     cross-entropy, mean of the last {window} training steps, without the "
+        "loss weight (the same quantity in every row)",
+        "  step ms      median wall time of one training step (see the note on speed)",
+        "  skipped      steps whose gradients were not finite: the update was skipped",
+        "  final scale  the loss scale after the last step (1 without loss scaling)",
+    ]
+
+
+def _label(row: dict[str, Any]) -> str:
+    """``row``'s precision, and for float16 whether it had loss scaling."""
+    if not pp.get_policy(row["precision"]).uses_float16:
+        return str(row["precision"])
+    scaling = "with dynamic" if row["loss scale"] == "Dynamic" else "without"
+    return f"{row['precision']} {scaling} loss scaling"
+
+
+def _compare(row: dict[str, Any], ref: dict[str, Any], *, steps: int) -> str:
+    """One sentence: how ``row`` did against ``ref``, judged from their numbers."""
+    acc, ref_acc = row["test acc %"], ref["test acc %"]
+    float16 = pp.get_policy(row["precision"]).uses_float16
+    if not row["moved"]:
+        if row["skipped"] == steps:
+            why = "every step was skipped"
+        else:
+            why = "every gradient was zero" + (": they underflowed float16" if float16 else "")
+        return (
+            f"{_label(row)} stalls at {acc:.1f}% (chance: 10%): its parameters never moved, so "
+            f"{why}; final CE {row['final CE']:.4f}, where an untrained model is near "
+            f"ln 10 = {math.log(10):.4f}."
+        )
+    gap = acc - ref_acc
+    if abs(gap) <= TOLERANCE:
+        verdict = f"matches {ref['precision']}"
+    else:
+        verdict = f"is {abs(gap):.1f} points {'above' if gap > 0 else 'below'} {ref['precision']}"
+    line = (
+        f"{_label(row)} {verdict}: {acc:.1f}% vs {ref_acc:.1f}% test accuracy, "
+        f"final CE {row['final CE']:.4f} vs {ref['final CE']:.4f}"
+    )
+    if float16 and row["loss scale"] == "NoOp" and abs(gap) <= TOLERANCE:
+        line += ", so with this loss float16 needs no loss scaling"
+    if row["loss scale"] == "Dynamic":
+        skipped = row["skipped"]
+        line += (
+            f"; {skipped} overflowing step{'' if skipped == 1 else 's'} skipped, "
+            f"loss scale {power_of_two(INITIAL_SCALE)} -> {power_of_two(row['final scale'])}"
+        )
+    return line + "."
+
+
+def conclusions(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """One line per comparison of a ``--compare`` run, each computed from ``rows``."""
+
+    def find(precision: str, weight: float) -> dict[str, Any]:
+        (row,) = [
+            r
+            for r in rows
+            if (r["precision"], r["loss scale"], r["loss weight"]) == (precision, "NoOp", weight)
+        ]
+        return row
+
+    weight = args.underflow_weight
+    tiny = f"Loss x{power_of_two(weight)}"
+    f32, f32_tiny = find("32-true", 1.0), find("32-true", weight)
+    lines = [
+        f"Conclusions (runs match when their test accuracies differ by <= {TOLERANCE} points):"
+    ]
+    lines += [
+        f"* {_compare(r, f32, steps=args.steps)}"
+        for r in rows
+        if r["loss weight"] == 1.0 and r is not f32
+    ]
+    if abs(f32_tiny["test acc %"] - f32["test acc %"]) <= TOLERANCE:
+        same = "trains as before (Adam is invariant to the scale of the loss)"
+    else:
+        same = "does not train as before"
+    lines.append(
+        f"* {tiny}: 32-true {same}: {f32_tiny['test acc %']:.1f}% vs {f32['test acc %']:.1f}%."
+    )
+    lines += [
+        f"* {tiny}: {_compare(r, f32_tiny, steps=args.steps)}"
+        for r in rows
+        if r["loss weight"] == weight and r is not f32_tiny
+    ]
+    times = ", ".join(
+        f"{_label(r)} {r['step ms']:.2f} ms ({r['step ms'] / f32['step ms']:.2f}x)"
+        for r in rows
+        if r["loss weight"] == 1.0 and r is not f32
+    )
+    lines.append(f"* Step time: 32-true {f32['step ms']:.2f} ms; {times}.")
+    return lines
+
+
+def speed_note(args: argparse.Namespace) -> str:
+    """Why ``step ms`` can show the 16-bit rows slower, even where bf16 pays."""
+    pays = (
+        "bf16 pays only on a compute-bound model, on hardware with bf16 matrix units (Intel "
+        "AMX, recent GPUs); see examples/char_lm.py with a larger --d-model."
+    )
+    emulated = (
+        "on a CPU without bfloat16 or float16 matrix units 16-bit matmuls are emulated, "
+        "slower than float32 ones."
+    )
+    size = f"a 64-{args.hidden}-{args.hidden}-10 MLP, batches of {args.batch_size}"
+    if args.hidden > 256:
+        return f"Note on speed ({size}): {emulated} {pays}"
+    return (
+        f"Note on speed: this model is tiny ({size}), so per-call overhead (Python, operator "
+        f"dispatch, the casts a policy adds) dominates step ms, and {emulated} That is why the "
+        "16-bit rows can be slower than 32-true even where `polprec info` says bf16 pays: it "
+        f"times large matmuls, which are compute-bound. {pays}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -237,6 +385,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.compare:
         print(f"policy: {rows[0]['policy']}")
     print_table(rows, COLUMNS)
+    print()
+    print("\n".join(legend(rows, args, len(data.y_test))))
+    if args.compare:
+        print()
+        print("\n".join(conclusions(rows, args)))
+    print()
+    print(speed_note(args))
     if args.plot:
         plot(rows, args.plot)
         print(f"saved {args.plot}")

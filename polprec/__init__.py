@@ -19,7 +19,7 @@ from polprec.loss_scale import (
     NoOpLossScale,
     StaticLossScale,
 )
-from polprec.policy import Policy, get_policy, parse_dtype
+from polprec.policy import Policy, get_policy, parse_dtype, parse_spec
 from polprec.rules import PolicyRules
 from polprec.scaling import default_loss_scale, scale_loss, unscale_and_check
 from polprec.tree import all_finite, cast_params, cast_tree, select_tree, stack_trees
@@ -46,6 +46,7 @@ __all__ = [
     "get_policy",
     "half_dtype",
     "parse_dtype",
+    "parse_spec",
     "scale_loss",
     "select_tree",
     "stack_trees",

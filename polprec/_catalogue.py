@@ -8,6 +8,7 @@ one place.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import torch
 
@@ -99,3 +100,53 @@ ACCEPTED = (
     "'params=<dtype>,compute=<dtype>,output=<dtype>' with keys params|p, compute|c, output|o "
     "(e.g. 'c=bf16', 'p=bf16,c=f32')"
 )
+
+# Strings that Lightning Fabric and jmp read differently, with the reading polprec takes and
+# how to say either one without ambiguity. get_policy warns when it meets one of them.
+_HALF_BARE = "read as jmp reads a bare dtype name: params, compute and output all {name}"
+AMBIGUOUS: dict[str, str] = {
+    "bf16": (
+        "'bf16' is Lightning Fabric's 'bf16-mixed' here (params float32, compute bfloat16, "
+        "output float32), while jmp reads a bare dtype name as all three dtypes; write "
+        "'bf16-mixed' for this policy, 'bf16-true' for bfloat16 parameters with float32 "
+        "outputs, or 'p=bf16' for all three dtypes bfloat16 (jmp's reading)"
+    ),
+    **{
+        name: (
+            f"{name!r} is {_HALF_BARE.format(name=dtype_name(DTYPE_NAMES[name]))}, not "
+            f"Lightning Fabric's mixed precision; write '{mixed}' for float32 parameters with "
+            f"16-bit compute, '{true}' for 16-bit parameters with float32 outputs, or "
+            f"'p={name}' to keep this policy without the warning"
+        )
+        for name, mixed, true in (
+            ("fp16", "16-mixed", "16-true"),
+            ("f16", "16-mixed", "16-true"),
+            ("float16", "16-mixed", "16-true"),
+            ("half", "16-mixed", "16-true"),
+            ("bfloat16", "bf16-mixed", "bf16-true"),
+        )
+    },
+}
+
+_FLOAT8 = ("fp8", "f8", "float8", "e4m3", "e5m2", "transformer-engine", "8-true", "8-mixed")
+
+
+def hint(text: str) -> str:
+    """A sentence for an unknown precision string: what was probably meant."""
+    if any(text.startswith(p) or p in text for p in _FLOAT8):
+        return "float8 / Transformer Engine precisions are not supported by polprec"
+    if text.startswith(("int", "uint", "i8", "u8", "qint")):
+        return "integer dtypes are not supported: a policy's dtypes are floating point"
+    candidates = [*SPEC_NAMES, *DTYPE_NAMES]
+    # Fabric-like spellings: '_' for '-', 'fp16'/'float16' for '16', 'bfloat16' for 'bf16'
+    normal = text.replace("_", "-").replace(" ", "-")
+    for long, short in (("bfloat16", "bf16"), ("float16", "16"), ("fp16", "16"), ("f16", "16")):
+        if normal.startswith(long + "-"):
+            normal = short + normal[len(long) :]
+    for long, short in (("float32", "32"), ("fp32", "32"), ("float64", "64"), ("fp64", "64")):
+        if normal.startswith(long + "-"):
+            normal = short + normal[len(long) :]
+    if normal in SPEC_NAMES:
+        return f"did you mean {normal!r}?"
+    close = difflib.get_close_matches(text, candidates, n=1, cutoff=0.75)
+    return f"did you mean {close[0]!r}?" if close else ""

@@ -79,7 +79,8 @@ def as_tensor(name: str, value: Any, dtype: torch.dtype, *, positive: bool) -> t
 
 
 def check_grads_finite(grads_finite: Any) -> torch.Tensor:
-    """A 0-dim bool tensor from a finite flag (a Python bool is wrapped)."""
+    """A 0-dim bool tensor from a finite flag (a Python bool, a verdict known in advance, is
+    wrapped; everywhere polprec takes a flag it takes either)."""
     if isinstance(grads_finite, bool):
         return torch.tensor(grads_finite)
     if not isinstance(grads_finite, torch.Tensor):

@@ -6,6 +6,8 @@ Shared by :func:`polprec.apply_with_policy` (one policy) and :class:`polprec.Pol
 
 from __future__ import annotations
 
+import difflib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -69,3 +71,46 @@ def set_call(module: nn.Module, call: Callable[..., Any] | None) -> None:
         module.__dict__.pop("_call_impl", None)
     else:
         object.__setattr__(module, "_call_impl", call)
+
+
+# The parameter and buffer names of each module (tied names included), kept while the
+# module lives; re-read when a name is missing, so a module that gained tensors is seen.
+_NAMES: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _names(module: nn.Module) -> frozenset[str]:
+    names = frozenset(
+        [n for n, _ in module.named_parameters(remove_duplicate=False)]
+        + [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    )
+    _NAMES[module] = names
+    return names
+
+
+def check_names(module: nn.Module, params_and_buffers: Any) -> None:
+    """Refuse names that are no parameter or buffer of ``module``.
+
+    ``functional_call`` ignores them and silently uses the module's own tensor instead (a
+    typo such as ``"0.wieght"`` would train nothing).
+    """
+    if torch.compiler.is_compiling():
+        return
+    dicts = params_and_buffers if isinstance(params_and_buffers, tuple) else (params_and_buffers,)
+    keys = [k for d in dicts for k in d]
+    names = _NAMES.get(module)
+    if names is None or not names.issuperset(keys):
+        names = _names(module)
+    unknown = [k for k in keys if k not in names]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown[:5]:
+        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    raise ValueError(
+        f"params_and_buffers has keys that name no parameter or buffer of "
+        f"{type(module).__name__}: {', '.join(hints)}{more}; functional_call would ignore "
+        "them and use the module's own tensors. Use the names of module.named_parameters() "
+        "and module.named_buffers()"
+    )

@@ -14,7 +14,7 @@ walk hands ``None`` to leaf functions as a leaf, so every leaf function here che
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import optree
@@ -146,6 +146,25 @@ def map_floating(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
     """Cast floating tensor leaves to ``dtype``; every other leaf is returned as is."""
     return map_floating(tree, lambda x: x if x.dtype == dtype else x.to(dtype))
+
+
+def check_tree(tree: Any, name: str) -> None:
+    """Refuse the roots that would pass through a tree function untouched by mistake.
+
+    A module or an iterator (``model.parameters()``) is a single opaque leaf to a tree walk:
+    every function would return it unchanged, silently.
+    """
+    if isinstance(tree, torch.nn.Module):
+        raise TypeError(
+            f"{name} must be a tree of tensors, got the module {type(tree).__name__} itself; "
+            "pass its tensors by name: {k: v.detach() for k, v in model.named_parameters()}"
+        )
+    if isinstance(tree, Iterator):
+        raise TypeError(
+            f"{name} must be a tree of tensors, got a {type(tree).__name__} (an iterator, such "
+            "as model.parameters(), is used up once and has no names); pass "
+            "{k: v.detach() for k, v in model.named_parameters()}"
+        )
 
 
 def flatten_up_to(spec: TreeSpec, tree: Any) -> list[Any]:

@@ -12,7 +12,7 @@ from torch import nn
 from polprec import _context, _tree
 from polprec._catalogue import HALF_DTYPES
 from polprec._islands import apply_rules
-from polprec.policy import PolicySpec, get_policy
+from polprec.policy import Policy, PolicySpec, get_policy
 from polprec.rules import PolicyRules
 
 __all__ = ["apply_with_policy", "autocast", "full_precision"]
@@ -111,6 +111,16 @@ class full_precision:  # lower case: used like a function, `with full_precision(
         return wrapper  # type: ignore[return-value]
 
 
+class _Required:
+    """The default of a keyword argument that must be given (a clearer error than Python's)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED: Any = _Required()
+
+
 def _as_args(args: Any) -> tuple[Any, ...]:
     return args if isinstance(args, tuple) else (args,)
 
@@ -121,7 +131,7 @@ def apply_with_policy(
     args: Any = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
-    policy: PolicySpec | PolicyRules,
+    policy: PolicySpec | PolicyRules = _REQUIRED,
     strict: bool = False,
     tie_weights: bool = True,
 ) -> Any:
@@ -179,8 +189,19 @@ def apply_with_policy(
         )
     if kwargs is None:
         kwargs = {}
+    elif isinstance(kwargs, Policy | PolicyRules | str | int):
+        raise TypeError(
+            f"apply_with_policy got {kwargs!r} where kwargs goes; the policy is keyword-only: "
+            f"apply_with_policy(module, params, args, policy={kwargs!r})"
+        )
     elif not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if policy is _REQUIRED:
+        raise TypeError(
+            "apply_with_policy needs policy=..., by keyword: a Policy, PolicyRules or any spec "
+            "get_policy accepts, e.g. apply_with_policy(module, params, args, policy='bf16-mixed')"
+        )
+    _context.check_names(module, params_and_buffers)
     if isinstance(policy, PolicyRules):
         return apply_rules(
             policy, module, params_and_buffers, _as_args(args), dict(kwargs), strict, tie_weights

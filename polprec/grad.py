@@ -6,6 +6,7 @@ chunks, their scaled gradients are summed in float32, and the loss scale is adju
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,38 @@ def _check_loss_scale_arg(loss_scale: Any, args: tuple[Any, ...]) -> LossScale:
             "scaling) and pass on the state each call returns"
         )
     return check_loss_scale(loss_scale)
+
+
+def _history_grows(x: torch.Tensor) -> bool:
+    """Whether ``x`` was computed from a tensor that was itself computed (two graph levels).
+
+    A parameter cast once (``cast_params`` of ``nn.Parameter``s) has one level; an update of
+    it (``p - lr * g``) has two, and every further step adds one.
+    """
+    fn = x.grad_fn
+    return fn is not None and any(n is not None and n.next_functions for n, _ in fn.next_functions)
+
+
+def _check_params(params: Any, leaves: list[Any], diff: list[torch.Tensor]) -> None:
+    _tree.check_tree(params, "params")
+    if not diff:
+        kinds = sorted(
+            {type(x).__name__ if not isinstance(x, torch.Tensor) else str(x.dtype) for x in leaves}
+        )
+        raise ValueError(
+            "params has no floating-point tensor to differentiate"
+            + (f" (its leaves are {', '.join(kinds)})" if kinds else " (it is empty)")
+            + "; pass the parameters, e.g. {k: v.detach() for k, v in model.named_parameters()}"
+        )
+    if not _fused.tracing() and any(_history_grows(x) for x in diff):
+        warnings.warn(
+            "params carry a growing autograd history: every update built from them extends "
+            "the graph, so memory and time grow with each step. Detach them once, e.g. "
+            "params = {k: v.detach() for k, v in model.named_parameters()}, or update them "
+            "under torch.no_grad()",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _argument_name(path: tuple[Any, ...]) -> str:
@@ -163,6 +196,7 @@ def value_and_grad(
         leaves, spec = _tree.tree_flatten(params)
         idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff = [leaves[i] for i in idx]
+        _check_params(params, leaves, diff)
 
         def rebuild(new: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
             full = list(leaves)

@@ -1,7 +1,4 @@
-"""Stateless loss scaling: immutable loss-scale states (pytrees; see ``_state.py``).
-
-Applying a state to a loss and to gradients: :mod:`polprec.scaling`.
-"""
+"""Immutable loss-scale states (pytrees, see ``_state.py``); :mod:`polprec.scaling` applies them."""
 
 from __future__ import annotations
 
@@ -130,6 +127,8 @@ class DynamicLossScale(_Scales, State):
         loss_scale: initial scale; a number > 0 or a 0-dim tensor (any real dtype, stored
             as float32).
         counter: finite steps since the last growth (int32).
+        positional_settings: refused: the settings below are keyword-only (jmp takes them
+            positionally); the ``TypeError`` shows the keyword form.
         period: finite steps between two growths (>= 1).
         factor: growth and back-off factor (> 1).
         min_loss_scale: lower bound of the scale (>= 0).
@@ -162,7 +161,7 @@ class DynamicLossScale(_Scales, State):
         self,
         loss_scale: float | torch.Tensor = 2.0**15,
         counter: int | torch.Tensor = 0,
-        *,
+        *positional_settings: Any,
         period: int = 2000,
         factor: float = 2.0,
         min_loss_scale: float = 1.0,
@@ -170,6 +169,16 @@ class DynamicLossScale(_Scales, State):
         hysteresis: int = 1,
         hysteresis_tracker: int | torch.Tensor | None = None,
     ) -> None:
+        if positional_settings:  # jmp's DynamicLossScale(loss_scale, counter, period, factor)
+            names = ("period", "factor", "min_loss_scale", "max_loss_scale", "hysteresis")
+            given = ", ".join(
+                f"{n}={v!r}" for n, v in zip(names, positional_settings, strict=False)
+            )
+            raise TypeError(
+                "DynamicLossScale takes only loss_scale and counter positionally; its settings "
+                f"are keyword-only (jmp's are positional): write DynamicLossScale({loss_scale!r}, "
+                f"{counter!r}, {given})"
+            )
         period = check_int("period", period, minimum=1)
         hysteresis = check_int("hysteresis", hysteresis, minimum=1)
         factor = check_number("factor", factor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, TypeAlias
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from polprec import _tree
 from polprec._catalogue import (
     ACCEPTED,
+    AMBIGUOUS,
     DTYPE_NAMES,
     F16,
     F32,
@@ -20,6 +22,7 @@ from polprec._catalogue import (
     INT_SPECS,
     SPEC_NAMES,
     dtype_name,
+    hint,
 )
 
 __all__ = [
@@ -215,10 +218,10 @@ def parse_spec(spec: Policy | int | str) -> Policy:
     if text in DTYPE_NAMES:
         dtype = DTYPE_NAMES[text]
         return Policy(dtype, dtype, dtype)
-    hint = ""
-    if text.startswith("transformer-engine") or "8" in text:
-        hint = " (float8 / Transformer Engine precisions are not supported by polprec)"
-    raise ValueError(f"unknown precision {spec!r}{hint}; accepted: {ACCEPTED}")
+    advice = hint(text)
+    raise ValueError(
+        f"unknown precision {spec!r}{f' ({advice})' if advice else ''}; accepted: {ACCEPTED}"
+    )
 
 
 def get_policy(spec: PolicySpec = None) -> Policy:
@@ -229,11 +232,17 @@ def get_policy(spec: PolicySpec = None) -> Policy:
             ``16``, ``"64-true"``, ``"32-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
             ``"16-true"``, ``"bf16-true"``, ``"bf16"``, ...); a Keras name
             (``"mixed_float16"``, ``"mixed_bfloat16"``); a bare dtype name (all three
-            dtypes); or jmp's grammar ``"params=float32,compute=bfloat16,output=float32"``
+            dtypes, jmp's reading; ``"bf16"`` is Fabric's ``"bf16-mixed"``, and the bare
+            16-bit names warn that the two libraries read them differently); or jmp's grammar ``"params=float32,compute=bfloat16,output=float32"``
             with short keys ``p``, ``c``, ``o`` (compute defaults to params, output to
             compute). Case and whitespace are ignored. ``None`` reads the ``POLPREC_PRECISION``
             environment variable (set by ``polprec run --precision``) and falls back to
             ``"32-true"``.
+
+    Warns:
+        UserWarning: ``spec`` is a string Lightning Fabric and jmp read differently
+            (``"bf16"``, ``"fp16"``, ``"half"``, ...); the message says which reading
+            polprec took and how to write either without ambiguity.
 
     Raises:
         TypeError: ``spec`` is not a Policy, int, str or None.
@@ -259,6 +268,12 @@ def get_policy(spec: PolicySpec = None) -> Policy:
         except ValueError as err:
             raise ValueError(f"environment variable {ENV_VAR}={env!r} is invalid: {err}") from None
     policy = parse_spec(spec)
+    if isinstance(spec, str) and spec.strip().lower() in AMBIGUOUS:
+        warnings.warn(
+            f"precision {spec!r} is ambiguous: {AMBIGUOUS[spec.strip().lower()]}",
+            UserWarning,
+            stacklevel=2,
+        )
     if env and os.environ.get(CLI_ENV_VAR) == "1":
         cli_policy = parse_spec(env)
         if cli_policy != policy:

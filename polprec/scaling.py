@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from polprec import _fused, _tree
+from polprec._catalogue import HALF_DTYPES
 from polprec.distributed import all_finite_across, check_process_group
 from polprec.loss_scale import DynamicLossScale, LossScale, NoOpLossScale, check_loss_scale
 from polprec.policy import PolicySpec, get_policy
@@ -45,7 +46,7 @@ def scale_loss(loss: torch.Tensor, loss_scale: LossScale) -> torch.Tensor:
         )
     if isinstance(loss_scale, NoOpLossScale):
         return loss
-    if loss.dtype in (torch.float16, torch.bfloat16):
+    if loss.dtype in HALF_DTYPES:
         loss = loss.float()
     return loss * loss_scale.loss_scale
 

@@ -29,6 +29,7 @@ def cast_tree(tree: Any, dtype: torch.dtype | str) -> Any:
         >>> out["w"].dtype, out["step"] is tree["step"], out["b"]
         (torch.bfloat16, True, None)
     """
+    _tree.check_tree(tree, "tree")
     return _tree.cast_floating(tree, parse_dtype(dtype))
 
 
@@ -51,6 +52,7 @@ def cast_params(
         >>> cast_params(params, "bf16-true")["weight"].dtype
         torch.bfloat16
     """
+    _tree.check_tree(params, "params")
     if isinstance(policy, PolicyRules):
         return policy.cast_params(params, module=module)
     if module is not None and not isinstance(module, nn.Module):
@@ -85,11 +87,12 @@ def all_finite(tree: Any) -> torch.Tensor:
 
 
 def _check_pred(pred: Any) -> None:
+    if isinstance(pred, bool):
+        return
     if not isinstance(pred, torch.Tensor):
         raise TypeError(
             f"pred must be a 0-dim torch.bool tensor (e.g. from all_finite or "
-            f"unscale_and_check), got {pred!r} of type {type(pred).__name__}; a Python bool "
-            "would need a host synchronisation - wrap it with torch.tensor(...)"
+            f"unscale_and_check) or a Python bool, got {pred!r} of type {type(pred).__name__}"
         )
     if pred.dtype != torch.bool or pred.dim() != 0:
         raise ValueError(
@@ -98,7 +101,7 @@ def _check_pred(pred: Any) -> None:
         )
 
 
-def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
+def select_tree(pred: torch.Tensor | bool, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``torch.where(pred, on_true, on_false)`` for a 0-dim bool tensor ``pred``.
 
     The canonical use skips an update whose gradients were not finite, without a host
@@ -106,10 +109,13 @@ def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
 
         params, opt_state = select_tree(finite, (new_params, new_opt), (params, opt_state))
 
-    Non-tensor leaves must be equal in both trees (they cannot depend on ``pred``).
+    Non-tensor leaves must be equal in both trees (they cannot depend on ``pred``). A Python
+    bool ``pred`` is a choice known in advance: the same checks, then ``on_true`` or
+    ``on_false`` itself is returned (as ``adjust`` accepts a Python bool for a known
+    verdict).
 
     Raises:
-        TypeError: ``pred`` is not a tensor.
+        TypeError: ``pred`` is neither a tensor nor a bool.
         ValueError: ``pred`` is not a 0-dim bool tensor, the structures differ, or two
             paired leaves differ in dtype or (for non-tensors) value.
 
@@ -135,7 +141,7 @@ def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
                     f"select_tree: leaf {_tree.path_str(path)} has dtype {a.dtype} in on_true "
                     f"but {b.dtype} in on_false; paired leaves must share a dtype"
                 )
-            out.append(a if a is b else torch.where(pred, a, b))
+            out.append(a if a is b or isinstance(pred, bool) else torch.where(pred, a, b))
         elif a_t or b_t:
             raise ValueError(
                 f"select_tree: leaf {_tree.path_str(path)} is a tensor on one side only "
@@ -148,6 +154,8 @@ def select_tree(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
                     f"{b!r}); only tensors can be selected without a host synchronisation"
                 )
             out.append(a)
+    if isinstance(pred, bool):
+        return on_true if pred else on_false
     return _tree.tree_unflatten(spec, out)
 
 

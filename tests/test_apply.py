@@ -295,10 +295,20 @@ def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
 @pytest.mark.parametrize(
     ("call", "exc", "fragment"),
     [
-        (lambda m, p: pp.apply_with_policy("model", p, policy="bf16"), TypeError, "nn.Module"),  # type: ignore[arg-type]
-        (lambda m, p: pp.apply_with_policy(m, [1], policy="bf16"), TypeError, "params_and_buffers"),  # type: ignore[arg-type]
         (
-            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), kwargs=[1], policy="bf16"),
+            lambda m, p: pp.apply_with_policy("model", p, policy="bf16-mixed"),
+            TypeError,
+            "nn.Module",
+        ),  # type: ignore[arg-type]
+        (
+            lambda m, p: pp.apply_with_policy(m, [1], policy="bf16-mixed"),
+            TypeError,
+            "params_and_buffers",
+        ),  # type: ignore[arg-type]
+        (
+            lambda m, p: pp.apply_with_policy(
+                m, p, torch.ones(1, 3), kwargs=[1], policy="bf16-mixed"
+            ),
             TypeError,
             "kwargs",
         ),  # type: ignore[arg-type]
@@ -333,7 +343,7 @@ def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
             TypeError,
             "DynamicLossScale",
         ),
-        (lambda m, p: pp.autocast("bf16", device_type=0), TypeError, "device_type"),  # type: ignore[arg-type]
+        (lambda m, p: pp.autocast("bf16-mixed", device_type=0), TypeError, "device_type"),  # type: ignore[arg-type]
         (lambda m, p: pp.full_precision()(3), TypeError, "callable"),  # type: ignore[arg-type]
     ],
 )

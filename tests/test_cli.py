@@ -1,7 +1,8 @@
 """The ``polprec`` command line, driven as a user drives it: in a subprocess.
 
-Subcommand help and the text ``info`` report run in-process (the same ``main``) to spare a
-torch import each; the subprocess tests cover the entry points.
+Help, argument errors and the text ``info`` report run in-process (the same ``main``) to spare a
+torch import each; the subprocess tests cover the entry points, every way of placing polprec's
+options around SCRIPT, and real launches of several processes through ``torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +20,14 @@ import pytest
 import torch
 
 import polprec as pp
-from polprec._catalogue import SPEC_NAMES
-from polprec.cli import main
-from polprec.policy import CLI_ENV_VAR, ENV_VAR
+from polprec._catalogue import AMBIGUOUS, SPEC_NAMES
+from polprec.cli import _launch, main
+from polprec.policy import CLI_ENV_VAR, ENV_VAR, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A script that reports what it sees, then raises, exits or conflicts as its arguments ask.
+# A script that reports what it sees, then raises, or exits (`exit N`, or `exit N RANK` on one
+# rank only), as its arguments ask.
 SCRIPT = """\
 import json, os, sys
 import polprec
@@ -34,24 +37,47 @@ print(json.dumps({
     "env": os.environ.get("POLPREC_PRECISION"),
     "cli": os.environ.get("POLPREC_PRECISION_FROM_CLI"),
     "policy": str(polprec.get_policy()),
-}))
+    "rank": os.environ.get("RANK"),
+    "local_rank": os.environ.get("LOCAL_RANK"),
+    "world_size": os.environ.get("WORLD_SIZE"),
+    "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+}), flush=True)
 if sys.argv[1:2] == ["conflict"]:
     polprec.get_policy("32-true")
-if sys.argv[1:2] == ["exit"]:
+if sys.argv[1:2] == ["exit"] and sys.argv[3:4] in ([], [os.environ.get("RANK")]):
     sys.exit(int(sys.argv[2]))
 """
+BF16 = str(pp.get_policy("bf16-mixed"))
+
+
+def _environment() -> dict[str, str]:
+    """This environment without a precision or a torchrun job, this checkout first."""
+    job = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, CLI_ENV_VAR, *job)}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
 
 
 def polprec(
     *args: str, cwd: Path | None = None, command: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m polprec *args`` (or the ``command`` script) in a clean environment."""
-    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, CLI_ENV_VAR)}
-    env["PYTHONPATH"] = str(ROOT)
     argv = [command] if command else [sys.executable, "-m", "polprec"]
     return subprocess.run(
-        [*argv, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120, check=False
+        [*argv, *args],
+        capture_output=True,
+        text=True,
+        env=_environment(),
+        cwd=cwd,
+        timeout=120,
+        check=False,
     )
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -63,6 +89,12 @@ def script(tmp_path: Path) -> Path:
 
 def _seen(stdout: str) -> dict[str, object]:
     return json.loads(stdout.splitlines()[0])
+
+
+def _seen_by_rank(stdout: str) -> dict[str, dict[str, object]]:
+    """What each process of a launch reported, by its RANK."""
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {str(report["rank"]): report for report in reports}
 
 
 def test_help() -> None:
@@ -96,33 +128,72 @@ def test_version_of_the_installed_console_script() -> None:
     assert result.stdout.strip() == f"polprec {pp.__version__} (torch {torch.__version__})"
 
 
-def test_run_sets_the_precision_and_passes_every_later_argument(script: Path) -> None:
-    script_args = ["--", "--precision", "16", "--lr", "0.1", "-h", "--", "x"]
-    result = polprec(
-        "run", "--precision", "bf16-mixed", "train.py", *script_args, cwd=script.parent
-    )
+def test_run_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "train.py", "--help"])  # after SCRIPT too, as in fabric run
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: polprec run [-h] [OPTIONS] SCRIPT [OPTIONS | ARGS ...]")
+    for option in ("--precision P", "--devices N", "--accelerator {auto,cpu,cuda,gpu,mps}"):
+        assert f"\n  {option}" in out
+    for option in ("--strategy {ddp,fsdp}", "--num-nodes N, --num_nodes N", "--node-rank R"):
+        assert f"\n  {option}" in out
+    for option in ("--main-address ADDRESS, --main_address", "--main-port PORT, --main_port"):
+        assert f"\n  {option}" in out
+    assert "\n  SCRIPT " in out and "\n  ARGS " in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--precision", "bf16-mixed", "train.py", "--lr", "0.1", "-x", "--name=a", "b"],
+        ["train.py", "--precision=bf16-mixed", "--lr", "0.1", "-x", "--name=a", "b"],
+        ["train.py", "--lr", "0.1", "-x", "--precision", "bf16-mixed", "--name=a", "b"],
+    ],
+    ids=["before", "after", "among"],
+)
+def test_run_reads_its_options_on_either_side_of_the_script(script: Path, argv: list[str]) -> None:
+    result = polprec("run", *argv, cwd=script.parent)
     assert result.returncode == 0, result.stderr
     assert _seen(result.stdout) == {
         "name": "__main__",
-        "argv": ["train.py", *script_args],
+        "argv": ["train.py", "--lr", "0.1", "-x", "--name=a", "b"],  # the rest, in order
         "env": "bf16-mixed",
         "cli": "1",
-        "policy": str(pp.get_policy("bf16-mixed")),
+        "policy": BF16,
+        "rank": None,  # one device: in this process, no torchrun
+        "local_rank": None,
+        "world_size": None,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "before", [["train.py", "--"], ["--", "train.py"]], ids=["after", "before"]
+)
+def test_run_gives_everything_after_a_double_dash_to_the_script(
+    script: Path, before: list[str]
+) -> None:
+    script_args = ["--precision", "16", "--devices", "4", "-h", "--", "x"]
+    result = polprec("run", "--precision", "bf16-mixed", *before, *script_args, cwd=script.parent)
+    assert result.returncode == 0, result.stderr
+    seen = _seen(result.stdout)
+    assert seen["argv"] == ["train.py", *script_args]
+    assert (seen["env"], seen["policy"], seen["rank"]) == ("bf16-mixed", BF16, None)
 
 
 def test_run_without_precision_sets_nothing_and_passes_the_exit_code(script: Path) -> None:
-    result = polprec("run", str(script), "exit", "3", "--precision=16")
+    result = polprec("run", str(script), "exit", "3")
     assert result.returncode == 3
     seen = _seen(result.stdout)
     assert (seen["env"], seen["cli"]) == (None, None)
     assert seen["policy"] == str(pp.get_policy("32-true"))
-    assert seen["argv"] == [str(script), "exit", "3", "--precision=16"]
-    assert "write `polprec run --precision P SCRIPT ...`" in result.stderr
+    assert seen["argv"] == [str(script), "exit", "3"]
 
 
 def test_run_conflicting_precision_in_code_raises_naming_both(script: Path) -> None:
-    result = polprec("run", "--precision=bf16-mixed", str(script), "conflict")
+    result = polprec("run", str(script), "conflict", "--precision=bf16-mixed")
     assert result.returncode == 1
     assert result.stderr.startswith("Traceback (most recent call last):")
     assert f'File "{script}", line' in result.stderr  # the script's frames, not runpy's
@@ -132,32 +203,213 @@ def test_run_conflicting_precision_in_code_raises_naming_both(script: Path) -> N
     assert "--precision='bf16-mixed'" in last
 
 
-def test_run_rejects_a_bad_precision_before_starting(script: Path) -> None:
-    result = polprec("run", "--precision", "bf17-mixed", str(script))
+@pytest.mark.parametrize(
+    "argv",
+    [["--precision", "bf17", "SCRIPT"], ["SCRIPT", "--precision", "bf17"]],
+    ids=["before", "after"],
+)
+def test_run_rejects_a_bad_precision_on_either_side_before_starting(
+    script: Path, argv: list[str]
+) -> None:
+    result = polprec("run", *(str(script) if a == "SCRIPT" else a for a in argv))
     assert result.returncode == 2
     assert result.stdout == ""  # the script never ran
-    assert "unknown precision 'bf17-mixed'; accepted:" in result.stderr
+    assert result.stderr.startswith("usage: polprec run ")
+    assert (
+        "polprec run: error: argument --precision: unknown precision 'bf17' "
+        "(did you mean 'bf16'?); accepted:"
+    ) in result.stderr
     for spec in ("'16-mixed'", "'bf16-true'", "'mixed_bfloat16'", "float16", "compute|c"):
         assert spec in result.stderr
 
 
-def test_policies_table_lists_every_fabric_value_with_its_dtypes() -> None:
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``polprec run`` prints for ``argv``, which must be a usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: polprec run [-h] [OPTIONS] SCRIPT"), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--devices", "0"], "argument --devices: invalid value '0': give a number of processes"),
+        (["--devices", "x"], "argument --devices: invalid value 'x': give a number of processes"),
+        (["--accelerator", "cpu", "--devices", "-1"], "(-1, every GPU, needs --accelerator cuda"),
+        (["--accelerator", "cuda", "--devices", "1000"], "invalid value '1000': "),
+        (["--accelerator", "cuda", "--devices", "0,1"], "set CUDA_VISIBLE_DEVICES=1,3 and pass"),
+        (["--accelerator", "tpu"], "argument --accelerator: invalid choice: 'tpu' (choose from"),
+        (["--strategy", "deepspeed"], "invalid choice: 'deepspeed' (choose from 'ddp', 'fsdp')"),
+        (["--num-nodes", "0"], "argument --num-nodes/--num_nodes: invalid value '0': give a"),
+        (["--num-nodes", "2", "--node-rank", "2"], "argument --node-rank: invalid value 2: give 0"),
+        (["--main-port", "70000"], "argument --main-port/--main_port: invalid value '70000': a"),
+        (
+            ["--precision", "bf17"],
+            "argument --precision: unknown precision 'bf17' (did you mean 'bf16'?); accepted: ",
+        ),
+    ],
+)
+@pytest.mark.parametrize("side", ["before", "after"])
+def test_run_rejects_bad_options_on_either_side_naming_the_value_and_the_accepted_ones(
+    argv: list[str], message: str, side: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The options are checked before the script is looked for: a script that does not exist
+    # makes a missed check fail with "cannot open script" rather than run anything here.
+    where = [*argv, "missing.py"] if side == "before" else ["missing.py", *argv]
+    assert message in _usage_error(where, capsys)
+
+
+def test_run_option_without_its_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "argument --devices: expected one argument" in _usage_error(
+        ["x.py", "--devices"], capsys
+    )
+
+
+@pytest.mark.parametrize("option", ["--lr", "--prec", "--version", "-x"])
+def test_run_rejects_an_unknown_option_before_the_script(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _usage_error([option, "bf16", "missing.py"], capsys)  # `--prec`: no abbreviations
+    assert f"unrecognized option {option!r} before SCRIPT; polprec run's options are " in err
+    assert "--precision, --devices, --accelerator, --strategy, --num-nodes, --node-rank" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["--precision", "bf16-mixed"], ["--", "--", "x"]])
+def test_run_without_a_script_says_so(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(argv, capsys)
+    if argv[:1] == ["--"]:  # after `--` even "--" is a script name, of no file here
+        assert "cannot open script '--': no such file or directory" in err
+    else:
+        assert "the following arguments are required: SCRIPT" in err
+
+
+def test_device_counts_follow_fabric(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    count = _launch.process_count
+    for accelerator in _launch.ACCELERATORS:
+        assert count("auto", accelerator) == 1  # fabric run's 'auto' is one process
+    assert [count("3", a) for a in ("auto", "cpu", "cuda", "gpu")] == [3, 3, 3, 3]
+    assert count("8", "auto") == count("8", "cpu") == 8  # processes: the script picks devices
+    assert count("-1", "cuda") == count("-1", "gpu") == count(" -1 ", "auto") == 4
+    with pytest.raises(ValueError, match="asks for 5 CUDA GPU\\(s\\) and this machine has 4"):
+        count("5", "cuda")
+    with pytest.raises(ValueError, match="--accelerator mps needs a MPS device and this machine"):
+        count("1", "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert count("1", "mps") == count("-1", "gpu") == count("1", "gpu") == 1  # a Mac's GPU
+    with pytest.raises(ValueError, match="asks for 2 MPS device\\(s\\) and this machine has 1"):
+        count("2", "mps")
+    with pytest.raises(ValueError, match="--accelerator cuda needs a CUDA GPU and this machine"):
+        count("1", "cuda")
+
+
+def test_run_reads_the_examples_own_precision_option_as_polprecs() -> None:
+    # examples/train_digits.py takes --precision itself and falls back to POLPREC_PRECISION:
+    # after SCRIPT polprec reads it (what a fabric run user expects); after `--` the script does.
+    fast = ["--quiet", "--steps", "3", "--hidden", "8"]
+    by_polprec = polprec("run", "examples/train_digits.py", "--precision", "bf16-true", *fast)
+    by_script = polprec("run", "examples/train_digits.py", *fast, "--", "--precision", "16-mixed")
+    for result, spec in ((by_polprec, "bf16-true"), (by_script, "16-mixed")):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"policy: {pp.get_policy(spec)}\n")
+        assert re.search(rf"^\|\s*{spec} \|", result.stdout, re.MULTILINE), result.stdout
+
+
+@pytest.mark.slow
+def test_run_devices_2_launches_two_processes_and_returns_the_failing_status(
+    script: Path,
+) -> None:
+    port = _free_port()
+    result = polprec(
+        "run", "--devices", "2", "--main-port", port, "train.py", "--precision", "bf16-mixed",
+        "exit", "3", "1", cwd=script.parent,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr  # rank 1's status; rank 0 exits with 0
+    assert "polprec run: rank 1 of 2 exited with status 3" in result.stderr
+    seen = _seen_by_rank(result.stdout)
+    assert sorted(seen) == ["0", "1"]
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    for rank, report in seen.items():
+        assert report["argv"] == ["train.py", "exit", "3", "1"]
+        assert (report["local_rank"], report["world_size"]) == (rank, "2")
+        assert (report["env"], report["cli"], report["policy"]) == ("bf16-mixed", "1", BF16)
+        assert report["omp_threads"] == threads
+
+
+@pytest.mark.slow
+def test_run_devices_2_trains_the_ddp_example_on_gloo() -> None:
+    result = polprec(
+        "run", "--devices", "2", "examples/ddp_train.py", "--precision", "bf16-mixed",
+        "--epochs", "3", "--main-port", _free_port(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"policy {BF16}, 2 rank(s), 30 steps of 128 in" in lines[-4]
+    assert lines[-3] == "skipped steps 0, final loss scale 1"
+    assert lines[-2] == "params identical on all ranks: True"
+    assert float(lines[-1].removeprefix("test accuracy ")) > 0.8
+
+
+@pytest.mark.slow
+def test_run_num_nodes_2_joins_two_launchers_into_one_job(script: Path) -> None:
+    port = _free_port()
+    nodes = [
+        ["--num-nodes", "2", "--node-rank", "0", "--main-port", port, "train.py"],
+        ["train.py", "--num_nodes=2", "--node_rank=1", f"--main_port={port}"],  # Fabric's spelling
+    ]
+    launchers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "polprec", "run", *node, "--precision", "16-mixed", "n"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_environment(),
+            cwd=script.parent,
+        )
+        for node in nodes
+    ]
+    outputs = [launcher.communicate(timeout=120) for launcher in launchers]
+    for launcher, (_, err) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, err
+    for node_rank, (out, _) in enumerate(outputs):
+        (report,) = _seen_by_rank(out).values()
+        assert (report["rank"], report["local_rank"], report["world_size"]) == (
+            str(node_rank),
+            "0",
+            "2",
+        )
+        assert (report["env"], report["argv"]) == ("16-mixed", ["train.py", "n"])
+
+
+def test_policies_table_lists_every_fabric_value_once_with_its_dtypes() -> None:
     result = polprec("policies")
     assert result.returncode == 0, result.stderr
     rows = {}
     for line in result.stdout.splitlines()[1:]:
         cells = line.split()
         if len(cells) >= 5 and cells[1] == "fabric":
-            rows[cells[0]] = cells[2:5]
-    fabric = [k for k, s in SPEC_NAMES.items() if s.source == "fabric"]
-    assert sorted(rows) == sorted(fabric)
+            rows[cells[0].rstrip("*")] = cells[2:5]
+    fabric = [s.name for s in SPEC_NAMES.values() if s.source == "fabric"]
+    assert sorted(rows) == sorted(set(fabric))  # canonical names only: no row twice
     for spec, cells in rows.items():
-        policy = pp.get_policy(spec)
+        policy = parse_spec(spec)  # the pure parser: "bf16" would warn in get_policy
         assert cells == [str(d).removeprefix("torch.") for d in SPEC_NAMES[spec].dtypes]
         assert cells == [
             str(d).removeprefix("torch.")
             for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype)
         ]
+    lines = {ln.split()[0].rstrip("*"): ln for ln in result.stdout.splitlines()[1:] if ln.strip()}
+    assert lines["64-true"].endswith("64 (int), 64")  # the int and the string, told apart
+    assert lines["bf16-mixed"].endswith("bf16*")  # marked: jmp reads it otherwise
+    assert lines["float16"].rstrip().endswith("f16*, fp16*, half*")
+    assert "Fabric and jmp read this name differently" in result.stdout
 
 
 def test_policies_json_round_trips_through_get_policy() -> None:
@@ -165,16 +417,20 @@ def test_policies_json_round_trips_through_get_policy() -> None:
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     specs = [row["spec"] for row in rows]
-    assert {64, 32, 16, "bf16-mixed", "mixed_float16", "half", "c=f16", "o=f16"} <= set(specs)
-    assert len(specs) == len(set(specs))
+    every = specs + [a for row in rows for a in row["aliases"]]
+    assert {64, 32, 16, "bf16-mixed", "mixed_float16", "half", "c=f16", "o=f16"} <= set(every)
+    assert len(every) == len(set(every))  # each spelling once
     for row in rows:
-        policy = pp.get_policy(row["spec"])
+        policy = parse_spec(row["spec"])
+        assert all(parse_spec(a) == policy for a in row["aliases"])
         dtypes = [row["param_dtype"], row["compute_dtype"], row["output_dtype"]]
         assert (
             pp.get_policy(",".join(f"{k}={v}" for k, v in zip("pco", dtypes, strict=True)))
             == policy
         )
         assert row["loss_scale"] == type(pp.default_loss_scale(policy)).__name__
+        assert all(isinstance(w, str) and w in AMBIGUOUS for w in row["warns"])
+    assert {w for row in rows for w in row["warns"]} == set(AMBIGUOUS)
 
 
 def test_info_json_reports_devices_and_positive_throughputs() -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import socket
@@ -191,6 +192,27 @@ def test_api_reference_renders_every_public_name() -> None:
             assert hasattr(importlib.import_module(module), name), directive
 
 
+def test_readme_and_docs_home_give_the_same_install_commands() -> None:
+    # A newcomer reads one of the two pages; both say the same. Every command works in a
+    # fresh shell: it creates or reuses .venv and activates it before it installs anything.
+    commands = re.compile(r"^```bash\n# 1\. .*?^```", re.MULTILINE | re.DOTALL)
+    cpu_torch = re.compile(r"^\*\*torch's CPU build\*\*.*?^```bash\n.*?^```", re.M | re.DOTALL)
+    texts = [(ROOT / "README.md").read_text("utf-8"), (DOCS / "index.md").read_text("utf-8")]
+    found = {}
+    for pattern in (commands, cpu_torch):
+        readme, home = (pattern.search(text) for text in texts)
+        assert readme and home, pattern.pattern
+        assert readme[0] == home[0]
+        found[pattern] = readme[0]
+    lines = [line for line in found[commands].splitlines()[1:-1] if not line.startswith("#")]
+    assert len(lines) == 2
+    for line in lines:
+        assert line.startswith(("python3 -m venv .venv && ", "(test -d .venv || python3 -m venv"))
+        assert " && . .venv/bin/activate && pip install torch==2.13.0 && " in line
+    index = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert index in found[cpu_torch]
+
+
 def test_plot_on_the_loss_scaling_page_exists() -> None:
     page = (DOCS / "concepts" / "loss-scaling.md").read_text("utf-8")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)
@@ -198,6 +220,37 @@ def test_plot_on_the_loss_scaling_page_exists() -> None:
     for image in images:
         path = (DOCS / "concepts" / image).resolve()
         assert path.is_file() and path.stat().st_size < 300_000, image
+
+
+def test_docs_extension_needs_only_the_docs_extra() -> None:
+    # mkdocs loads docs/_ext/rst_roles.py; the docs extra alone must be enough, so the
+    # extension reads the documented names from the sources. Here hypothesis (the testing
+    # extra) and polprec itself cannot be imported at all.
+    pytest.importorskip("griffe", reason='the docs extra: pip install -e ".[docs]"')
+    code = textwrap.dedent(
+        """
+        import json, sys
+        for name in ("hypothesis", "polprec", "torch"):
+            sys.modules[name] = None  # any import of them raises ImportError
+        sys.path.insert(0, sys.argv[1])
+        import rst_roles
+        print(json.dumps(rst_roles.RstRoles()._targets))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(DOCS / "_ext")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)
+    expected: dict[str, str] = {}
+    for module in (polprec, polprec.testing, polprec.testing.strategies):
+        for name in module.__all__:
+            expected.setdefault(name, f"{module.__name__}.{name}")
+    assert targets == expected
 
 
 @pytest.mark.slow

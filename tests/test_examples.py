@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import io
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -80,12 +83,104 @@ def test_train_digits_compare_matches_float32_and_shows_underflow() -> None:
     assert curve[-20:].mean() > 0.95 * curve[:20].mean()  # the loss does not decrease
     assert stalled["test acc %"] < 30
     assert abs(rescued["test acc %"] - f32_tiny["test acc %"]) <= 1.5
-    assert rescued["final loss"] < 0.5 * stalled["final loss"]
+    assert rescued["final CE"] < 0.5 * stalled["final CE"]
+    assert not stalled["moved"] and rescued["moved"]
     # Dynamic scales are powers of two that grew from 2**15 (period 100, 200 steps).
     for row in (rescued, by_name(rows, "16-mixed", "Dynamic", 1.0)):
         assert math.log2(row["final scale"]).is_integer()
         assert row["final scale"] >= 2.0**15 or row["skipped"] > 0
     assert stalled["final scale"] == 1.0 and stalled["skipped"] == 0
+
+    # The legend names every column; the conclusions quote this run's numbers.
+    legend = printed[printed.index("Legend:") : printed.index("Conclusions")]
+    for column in ("precision", "loss scale", "loss weight", "test acc %", "final CE", "step ms"):
+        assert f"\n  {column} " in legend, column
+    assert "without the loss weight" in legend  # "final CE" is unweighted in every row
+    conclusions = printed[printed.index("Conclusions") : printed.index("Note on speed")]
+    assert (
+        f"* Loss x2^-20: 16-mixed without loss scaling stalls at {stalled['test acc %']:.1f}%"
+        in conclusions
+    )
+    assert "* Loss x2^-20: 16-mixed with dynamic loss scaling matches 32-true" in conclusions
+    bf16 = by_name(rows, "bf16-mixed", "NoOp", 1.0)
+    assert (
+        f"* bf16-mixed matches 32-true: {bf16['test acc %']:.1f}% vs {f32['test acc %']:.1f}%"
+        in conclusions
+    )
+    assert f"* Step time: 32-true {f32['step ms']:.2f} ms; bf16-mixed {bf16['step ms']:.2f} ms" in (
+        conclusions
+    )
+    assert "`polprec info` says bf16 pays" in printed
+
+
+def _digits_row(**overrides: Any) -> dict[str, Any]:
+    row = {"precision": "32-true", "loss scale": "NoOp", "loss weight": 1.0, "test acc %": 97.0}
+    row |= {"final CE": 0.03, "step ms": 1.0, "skipped": 0, "final scale": 1.0, "moved": True}
+    return row | overrides
+
+
+def test_train_digits_conclusions_follow_the_numbers() -> None:
+    train_digits = load("train_digits")
+    weight = 2.0**-20
+    args = argparse.Namespace(underflow_weight=weight, steps=100)
+    rows = [
+        _digits_row(),
+        _digits_row(precision="bf16-mixed", **{"test acc %": 91.0}),
+        _digits_row(precision="16-mixed", **{"loss scale": "Dynamic", "final scale": 2.0**17}),
+        _digits_row(**{"loss weight": weight, "test acc %": 96.5}),
+        _digits_row(precision="16-mixed", moved=False, **{"loss weight": weight}),
+        _digits_row(precision="16-mixed", moved=False, skipped=100, **{"loss weight": weight}),
+    ]
+    rows[4]["test acc %"], rows[5]["test acc %"] = 9.6, 10.2
+    lines = train_digits.conclusions(rows, args)
+    assert lines[1].startswith("* bf16-mixed is 6.0 points below 32-true: 91.0% vs 97.0%")
+    assert lines[2].startswith("* 16-mixed with dynamic loss scaling matches 32-true")
+    assert lines[2].endswith("0 overflowing steps skipped, loss scale 2^15 -> 2^17.")
+    assert lines[3].startswith("* Loss x2^-20: 32-true trains as before")
+    assert "16-mixed without loss scaling stalls at 9.6%" in lines[4]
+    assert "every gradient was zero: they underflowed float16" in lines[4]
+    assert "stalls at 10.2%" in lines[5] and "every step was skipped" in lines[5]
+    assert lines[6].startswith("* Step time: 32-true 1.00 ms; bf16-mixed 1.00 ms (1.00x)")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    common = load("_common")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, log = Terminal(), io.StringIO()
+    for stream in (terminal, log):
+        bar = common.Progress(range(4), desc="run", stream=stream, interval=0.0)
+        assert list(bar) == [0, 1, 2, 3]
+        bar.set_postfix(loss="0.5")
+        bar.close()
+    assert "\r" in terminal.getvalue()  # tqdm redraws its bar
+    assert "\r" not in log.getvalue()
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("run: step 1/4 in ") and lines[-1].startswith("run: done 4/4 in ")
+    assert len(lines) == 5
+    quiet = io.StringIO()
+    assert list(common.Progress(range(3), desc="q", quiet=True, stream=quiet)) == [0, 1, 2]
+    assert quiet.getvalue() == ""
+
+
+def test_example_logs_lines_not_bars_when_stderr_is_a_pipe() -> None:
+    env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
+    argv = ["--precision", "bf16-mixed", "--steps", "60", "--hidden", "16"]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train_digits.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    assert "\r" not in result.stderr  # no carriage-return bars in a log
+    (line,) = result.stderr.splitlines()  # 60 quick steps: only the closing line
+    assert line.startswith("bf16-mixed, NoOpLossScale: done 60/60 in ")
+    assert "| bf16-mixed |" in result.stdout
 
 
 def test_train_digits_single_run_reads_env_and_plots(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polprec as pp
+from polprec._catalogue import AMBIGUOUS
 from polprec.testing import strategies as pst
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -35,7 +37,9 @@ FABRIC_TABLE = [
 
 @pytest.mark.parametrize(("spec", "dtypes"), FABRIC_TABLE, ids=lambda v: repr(v))
 def test_fabric_and_keras_values(spec: object, dtypes: tuple[torch.dtype, ...]) -> None:
-    policy = pp.get_policy(spec)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "precision 'bf16' is ambiguous")  # tested below
+        policy = pp.get_policy(spec)  # type: ignore[arg-type]
     assert (policy.param_dtype, policy.compute_dtype, policy.output_dtype) == dtypes
 
 
@@ -68,14 +72,62 @@ def test_jmp_grammar(spec: str, dtypes: tuple[torch.dtype, ...]) -> None:
     ],
 )  # fmt: skip
 def test_bare_dtype_name_means_all_three(name: str, dtype: torch.dtype) -> None:
-    assert pp.get_policy(name) == pp.Policy(dtype, dtype, dtype)
-    assert pp.get_policy(f"  {name.upper()} ") == pp.Policy(dtype, dtype, dtype)
+    with warnings.catch_warnings():
+        # 16-bit names warn that Fabric would read them otherwise (tested below)
+        warnings.filterwarnings("ignore", "precision .* is ambiguous")
+        assert pp.get_policy(name) == pp.Policy(dtype, dtype, dtype)
+        assert pp.get_policy(f"  {name.upper()} ") == pp.Policy(dtype, dtype, dtype)
 
 
 def test_bf16_is_the_fabric_value_not_the_bare_dtype() -> None:
     # Fabric's "bf16" means bf16-mixed; "bfloat16" is jmp's bare dtype (all three).
-    assert pp.get_policy("bf16") == pp.get_policy("bf16-mixed")
-    assert pp.get_policy("bfloat16") == pp.Policy(BF16, BF16, BF16)
+    with pytest.warns(UserWarning, match="'bf16' is Lightning Fabric's 'bf16-mixed' here"):
+        assert pp.get_policy("bf16") == pp.get_policy("bf16-mixed")
+    with pytest.warns(UserWarning, match="all bfloat16, not Lightning Fabric's mixed precision"):
+        assert pp.get_policy("bfloat16") == pp.Policy(BF16, BF16, BF16)
+
+
+@pytest.mark.parametrize("name", ["fp16", "f16", "float16", "half", "bfloat16", " BF16 "])
+def test_names_fabric_and_jmp_read_differently_warn(name: str) -> None:
+    with pytest.warns(UserWarning, match=f"precision {name!r} is ambiguous") as record:
+        policy = pp.get_policy(name)
+    message = str(record[0].message)
+    if name.strip().lower() == "bf16":
+        assert policy == pp.get_policy("bf16-mixed") and "'p=bf16'" in message
+    else:
+        assert policy.param_dtype == policy.compute_dtype == policy.output_dtype
+        assert "-mixed'" in message and "-true'" in message
+        key = name.strip().lower()
+        assert pp.get_policy(f"p={key}") == policy  # the unambiguous spelling, silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for quiet in ("16-mixed", "bf16-mixed", "16-true", "f32", "float64", 16, "c=bf16"):
+            pp.get_policy(quiet)
+
+
+@pytest.mark.parametrize(
+    ("spec", "suggestion"),
+    [
+        ("bf16_mixed", "'bf16-mixed'"),
+        ("fp16-mixed", "'16-mixed'"),
+        ("float16-true", "'16-true'"),
+        ("BF16_True", "'bf16-true'"),
+        ("32_true", "'32-true'"),
+        ("bf16-mix", "'bf16-mixed'"),
+        ("mixed-float16", "'mixed_float16'"),
+    ],
+)
+def test_misspelt_specs_suggest_the_accepted_one(spec: str, suggestion: str) -> None:
+    with pytest.raises(ValueError, match=f"did you mean {suggestion}") as info:
+        pp.get_policy(spec)
+    assert str(info.value).startswith(f"unknown precision {spec!r} (did you mean {suggestion}?)")
+
+
+@pytest.mark.parametrize("spec", ["int8", "uint8", "int4", "qint8"])
+def test_integer_precisions_are_not_taken_for_float8(spec: str) -> None:
+    with pytest.raises(ValueError, match="integer dtypes are not supported") as info:
+        pp.get_policy(spec)
+    assert "float8" not in str(info.value).split("; accepted")[0]
 
 
 def test_policy_accepts_names_and_is_frozen_and_hashable() -> None:
@@ -98,7 +150,11 @@ def test_str_round_trips(policy: pp.Policy) -> None:
 
 @given(pst.policy_specs())
 def test_every_generated_spec_parses_to_floating_dtypes(spec: object) -> None:
-    policy = pp.get_policy(spec)  # type: ignore[arg-type]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        policy = pp.get_policy(spec)  # type: ignore[arg-type]
+    ambiguous = isinstance(spec, str) and spec.strip().lower() in AMBIGUOUS
+    assert len(record) == (1 if ambiguous else 0)
     for d in (policy.param_dtype, policy.compute_dtype, policy.output_dtype):
         assert d in (F16, BF16, F32, F64)
 
@@ -308,9 +364,9 @@ def test_float8_specs_say_they_are_unsupported() -> None:
         pp.get_policy("transformer-engine")
     hint = " (float8 / Transformer Engine precisions are not supported by polprec); accepted:"
     assert f"'transformer-engine'{hint} a Policy;" in str(info.value)
-    with pytest.raises(ValueError, match="17-mixed") as plain:
-        pp.get_policy("17-mixed")
-    assert "unknown precision '17-mixed'; accepted: a Policy;" in str(plain.value)  # no hint
+    with pytest.raises(ValueError, match="quarter") as plain:
+        pp.get_policy("quarter")
+    assert "unknown precision 'quarter'; accepted: a Policy;" in str(plain.value)  # no hint
     with pytest.raises(ValueError, match="unknown key") as key:
         pp.get_policy("x=f16")
     assert str(key.value).endswith(

@@ -315,16 +315,16 @@ def test_conflicting_rules() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "exc", "fragment"),
     [
-        (("bf16", {"": 32}), {}, ValueError, "bad path pattern ''"),
-        (("bf16", {"head .*": 32}), {}, ValueError, "bad path pattern"),
-        (("bf16", {"head[0": 32}), {}, ValueError, "unbalanced"),
-        (("bf16", {nn.functional.relu: 32}), {}, TypeError, "nn.Module subclass"),
-        (("bf16", {int: 32}), {}, TypeError, "nn.Module subclass"),
-        (("bf16", {"head": "fp8"}), {}, ValueError, "rule 'head'"),
-        (("bf16", [("a", 32), ("a", 16)]), {}, ValueError, "given twice"),
-        (("bf16", [("a", 32, 1)]), {}, TypeError, "(key, policy) pairs"),
+        (("bf16-mixed", {"": 32}), {}, ValueError, "bad path pattern ''"),
+        (("bf16-mixed", {"head .*": 32}), {}, ValueError, "bad path pattern"),
+        (("bf16-mixed", {"head[0": 32}), {}, ValueError, "unbalanced"),
+        (("bf16-mixed", {nn.functional.relu: 32}), {}, TypeError, "nn.Module subclass"),
+        (("bf16-mixed", {int: 32}), {}, TypeError, "nn.Module subclass"),
+        (("bf16-mixed", {"head": "fp8"}), {}, ValueError, "rule 'head'"),
+        (("bf16-mixed", [("a", 32), ("a", 16)]), {}, ValueError, "given twice"),
+        (("bf16-mixed", [("a", 32, 1)]), {}, TypeError, "(key, policy) pairs"),
         (("nope",), {}, ValueError, "accepted"),
-        (("bf16",), {"on_unmatched": "raise"}, ValueError, "on_unmatched"),
+        (("bf16-mixed",), {"on_unmatched": "raise"}, ValueError, "on_unmatched"),
     ],
 )
 def test_bad_rules(
@@ -336,7 +336,7 @@ def test_bad_rules(
 
 
 def test_resolve_and_policy_for_errors() -> None:
-    rules = pp.PolicyRules("bf16")
+    rules = pp.PolicyRules("bf16-mixed")
     with pytest.raises(TypeError, match="nn.Module"):
         rules.resolve("model")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no submodule 'x'"):

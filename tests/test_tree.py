@@ -203,7 +203,7 @@ def test_select_tree_under_vmap_and_compile() -> None:
 @pytest.mark.parametrize(
     ("pred", "on_true", "on_false", "exc", "fragment"),
     [
-        (True, {"a": torch.ones(1)}, {"a": torch.ones(1)}, TypeError, "torch.tensor"),
+        (1, {"a": torch.ones(1)}, {"a": torch.ones(1)}, TypeError, "or a Python bool, got 1"),
         (torch.tensor(1), {"a": torch.ones(1)}, {"a": torch.ones(1)}, ValueError, "torch.int64"),
         (torch.tensor([True]), {"a": torch.ones(1)}, {"a": torch.ones(1)}, ValueError, "(1,)"),
         (
@@ -303,10 +303,8 @@ def test_stack_trees_errors(trees: Any, exc: type[Exception], fragment: str) -> 
 
 
 def test_select_tree_error_messages_name_types_and_paths() -> None:
-    with pytest.raises(
-        TypeError, match="got True of type bool; a Python bool would need a host synchronisation"
-    ):
-        pp.select_tree(True, [torch.ones(1)], [torch.ones(1)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"or a Python bool, got 0\.5 of type float$"):
+        pp.select_tree(0.5, [torch.ones(1)], [torch.ones(1)])  # type: ignore[arg-type]
     with pytest.raises(
         ValueError, match=r"^select_tree needs on_true and on_false of the same structure"
     ):
@@ -317,6 +315,17 @@ def test_select_tree_error_messages_name_types_and_paths() -> None:
         pp.select_tree(torch.tensor(True), {"a": [torch.ones(1)]}, {"a": [1.0]})
     with pytest.raises(ValueError, match=r"leaf x is a tensor on one side only \(int vs Tensor\)"):
         pp.select_tree(torch.tensor(True), {"x": 1}, {"x": torch.ones(1)})
+
+
+def test_select_tree_with_a_python_bool_returns_that_side_after_the_same_checks() -> None:
+    # A verdict known in advance, as DynamicLossScale.adjust(True) accepts one.
+    on_true, on_false = {"w": torch.ones(2), "n": 3}, {"w": torch.zeros(2), "n": 3}
+    assert pp.select_tree(True, on_true, on_false) is on_true
+    assert pp.select_tree(False, on_true, on_false) is on_false
+    with pytest.raises(ValueError, match="same structure"):
+        pp.select_tree(True, [torch.ones(1)], (torch.ones(1),))
+    with pytest.raises(ValueError, match="dtype torch.float32 in on_true but torch.float64"):
+        pp.select_tree(False, [torch.ones(1)], [torch.ones(1).double()])
 
 
 def test_select_tree_keeps_identical_objects_that_compare_unequal() -> None:

@@ -6,31 +6,50 @@ extension rewrites each role at load time into an autorefs link to the API refer
 (``[get_policy][polprec.get_policy]``) when the name is documented there, and into inline
 code otherwise (``:meth:`adjust``` becomes `adjust()`). A reST literal-block marker at the
 end of a line (``text::``) becomes a plain colon.
+
+The documented names are read from the ``__all__`` lists in the sources, without importing
+anything: the docs extra alone must build the site, and ``polprec.testing.strategies``
+imports ``hypothesis``, which only the ``testing`` extra installs.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 from typing import Any
 
 import griffe
+
+_PACKAGE = Path(__file__).resolve().parents[2] / "polprec"
 
 _ROLE = re.compile(r":(?:class|func|meth|attr|data|mod|exc):`(~?)([\w.]+)`")
 # reST's "text::" introduces a literal block; Markdown needs only the indentation.
 _LITERAL_MARKER = re.compile(r"(?<=\S)::$", re.MULTILINE)
 
 
+def _static_all(source: Path) -> list[str]:
+    """The names in the module-level ``__all__ = [...]`` of ``source``, read without importing."""
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            names = ast.literal_eval(node.value)
+            return [str(name) for name in names]
+    raise ValueError(f"{source} has no literal __all__ list")
+
+
 def _documented() -> dict[str, str]:
     """Short name -> documented identifier, for every object the API page renders."""
-    import polprec
-    import polprec.testing
-    import polprec.testing.strategies as strategies
-
-    out = {name: f"polprec.{name}" for name in polprec.__all__}
-    for name in polprec.testing.__all__:
-        out.setdefault(name, f"polprec.testing.{name}")
-    for name in strategies.__all__:
-        out.setdefault(name, f"polprec.testing.strategies.{name}")
+    modules = [
+        ("polprec", _PACKAGE / "__init__.py"),
+        ("polprec.testing", _PACKAGE / "testing" / "__init__.py"),
+        ("polprec.testing.strategies", _PACKAGE / "testing" / "strategies.py"),
+    ]
+    out: dict[str, str] = {}
+    for module, source in modules:
+        for name in _static_all(source):
+            out.setdefault(name, f"{module}.{name}")
     return out
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from polprec._catalogue import DTYPE_NAMES, FLOAT_DTYPES, GRAMMAR_KEYS, INT_SPECS, SPEC_NAMES
 from polprec.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
-from polprec.policy import Policy, get_policy
+from polprec.policy import Policy, parse_spec
 
 __all__ = [
     "Point",
@@ -77,7 +77,7 @@ def policies() -> st.SearchStrategy[Policy]:
     """Policies from any three floating dtypes or from any accepted spec."""
     return st.one_of(
         st.builds(Policy, floating_dtypes(), floating_dtypes(), floating_dtypes()),
-        policy_specs().map(get_policy),
+        policy_specs().map(parse_spec),
     )
 
 
