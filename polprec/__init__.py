@@ -45,6 +45,7 @@ __all__ = [
     "full_precision",
     "get_policy",
     "half_dtype",
+    "optim",
     "parse_dtype",
     "parse_spec",
     "scale_loss",

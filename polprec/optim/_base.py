@@ -14,30 +14,22 @@ import torch
 
 from polprec import _fused, _tree
 from polprec._checks import check_grads_finite, check_int, check_number
-from polprec.optim._leaves import align, leaves, path_of
+from polprec.optim._leaves import check_lr, check_state, leaves, state_leaves
 from polprec.optim._modes import Mode, check_bool, check_precision, leaf_mode
 from polprec.optim._states import OptState
 from polprec.optim._torch import from_torch
-from polprec.optim._update import Buffers, Inputs, Outputs, fused, plain, replace
+from polprec.optim._update import (
+    Buffers,
+    Inputs,
+    Outputs,
+    counters,
+    fused,
+    merge,
+    plain,
+    replace,
+)
 
 __all__ = ["Optimizer"]
-
-
-def _counters(
-    state: OptState, finite: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(step, skips, consecutive_skips, not_finite)`` after this step."""
-    if finite is None:
-        return state.step + 1, state.skips, torch.zeros_like(state.consecutive_skips), None
-    if finite.device != state.step.device:
-        finite = finite.to(state.step.device)
-    skipped = torch.logical_not(finite)
-    return (
-        state.step + finite,
-        state.skips + skipped,
-        (state.consecutive_skips + 1) * skipped,
-        skipped,
-    )
 
 
 class Optimizer:
@@ -100,6 +92,7 @@ class Optimizer:
             seed: seeds stochastic rounding (an int >= 0); give ensemble members their own.
         """
         seed = check_int("seed", seed, minimum=0)
+        _tree.check_tree(params, "params")
         p_leaves, spec = _tree.tree_flatten(params)
         floats = [p if _tree.is_float_tensor(p) else None for p in p_leaves]
         modes = [None if p is None else self._mode(p.dtype) for p in floats]
@@ -173,13 +166,13 @@ class Optimizer:
                 f"makes, got {type(state).__name__}"
             )
         check_bool("donate", donate)
-        lr_value = self._step_lr(lr)
+        _tree.check_tree(params, "params")
+        _tree.check_tree(grads, "grads")
+        lr_value = self.lr if lr is None else check_lr(lr)
         finite = None if grads_finite is None else check_grads_finite(grads_finite)
         lv = leaves(params, grads)
         names = self._slots()
-        slots = [align(lv.spec, self._slot_tree(state, n, lv.params), params, n) for n in names]
-        master = self._aligned(lv.spec, state.master, params, "master")
-        comp = self._aligned(lv.spec, state.compensation, params, "compensation")
+        slots, master, comp = state_leaves(self, state, names, lv, params)
         by_dtype: dict[torch.dtype, Mode] = {}
         modes = []
         for i in lv.active:
@@ -188,8 +181,8 @@ class Optimizer:
             if mode is None:
                 mode = by_dtype[dtype] = self._mode(dtype)
             modes.append(mode)
-        self._check_leaves(params, lv.params, lv.active, modes, names, slots, master, comp, state)
-        step, skips, consecutive, skipped = _counters(state, finite)
+        check_state(self, state, params, lv, modes, names, (slots, master, comp))
+        step, skips, consecutive, skipped = counters(state, finite)
         inp = Inputs(lv.params, lv.active, lv.grads, modes, slots, master, comp, state.seed, step)
         if not lv.active:
             out = Outputs([], [[] for _ in slots], [], [])
@@ -214,68 +207,10 @@ class Optimizer:
             ("compensation", comp, out.compensation),
         ):
             children[name] = (
-                None if old is None else _tree.tree_unflatten(spec, _merge(old, active, new))
+                None if old is None else _tree.tree_unflatten(spec, merge(old, active, new))
             )
         new_state = state.replace(step=step, skips=skips, consecutive_skips=consecutive, **children)
         return new_params, new_state
-
-    def _step_lr(self, lr: Any) -> float | torch.Tensor:
-        if lr is None:
-            return self.lr
-        if isinstance(lr, torch.Tensor):
-            if lr.dim() != 0 or not lr.is_floating_point():
-                raise TypeError(
-                    f"lr must be a number or a 0-dim floating tensor, got a tensor of dtype "
-                    f"{lr.dtype} and shape {tuple(lr.shape)}"
-                )
-            return lr
-        return check_number("lr", lr, positive=False)
-
-    def _slot_tree(self, state: OptState, name: str, p_leaves: list[Any]) -> Any:
-        tree = getattr(state, name)
-        if tree is None and p_leaves:  # (a tree without leaves is None for params=None)
-            raise ValueError(
-                f"state.{name} is None: the state was made by an optimizer with other settings "
-                f"than {self!r}; make one with this optimizer's init(params)"
-            )
-        return tree
-
-    @staticmethod
-    def _aligned(spec: Any, tree: Any, params: Any, name: str) -> list[Any] | None:
-        return None if tree is None else align(spec, tree, params, name)
-
-    def _check_leaves(
-        self,
-        params: Any,
-        p_leaves: list[Any],
-        active: list[int],
-        modes: list[Mode],
-        names: tuple[str, ...],
-        slots: list[list[Any]],
-        master: list[Any] | None,
-        comp: list[Any] | None,
-        state: OptState,
-    ) -> None:
-        """Every updated leaf has the state its mode needs, in its shape."""
-        for k, i in enumerate(active):
-            p, mode = p_leaves[i], modes[k]
-            if mode.direct and all(
-                type(s[i]) is torch.Tensor and s[i].shape == p.shape for s in slots
-            ):
-                continue
-            need = [(n, s[i]) for n, s in zip(names, slots, strict=True)]
-            if mode.master:
-                need.append(("master", None if master is None else master[i]))
-            if mode.kahan:
-                need.append(("compensation", None if comp is None else comp[i]))
-            for name, x in need:
-                if not isinstance(x, torch.Tensor) or x.shape != p.shape:
-                    raise ValueError(_missing(params, i, name, x, p, self))
-            if mode.stochastic and state.seed is None:
-                raise ValueError(
-                    "state.seed is None but rounding='stochastic' needs it: make the state "
-                    "with this optimizer's init(params)"
-                )
 
     def _may_fuse(self, inp: Inputs, lr: Any, finite: torch.Tensor | None) -> bool:
         if _fused.tracing():
@@ -294,30 +229,36 @@ class Optimizer:
     ) -> Any:
         """This optimizer's state from a ``torch.optim`` optimizer's ``state_dict()``.
 
-        See :func:`polprec.optim.from_torch_state_dict`.
+        The torch optimizer's settings (every group's ``lr``, ``betas``, ``momentum``, ...)
+        must equal this optimizer's; an error names any that differ. torch numbers
+        parameters in the order its optimizer was given them (``model.parameters()``); they
+        are matched with the floating leaves of ``params`` in tree order, which
+        ``dict(model.named_parameters())`` shares. The moments are copied into this state's
+        dtypes; master copies come from ``params``. Parameters torch holds no state for
+        start from zero moments.
+
+        Args:
+            state_dict: ``torch_optimizer.state_dict()``.
+            params: the parameter pytree the polprec steps will update.
+            step: the step count of the new state. ``None``: torch's (Adam and AdamW record
+                one per parameter, which must agree); SGD records none, so 1 when torch has
+                momentum buffers (a step was taken), else 0.
+
+        Raises:
+            TypeError: ``state_dict`` is not a torch optimizer's state dict.
+            ValueError: a setting differs, the parameters do not line up (count or shapes),
+                or the per-parameter step counts differ (pass ``step=``).
+
+        Examples:
+            >>> import torch
+            >>> import polprec as pp
+            >>> model = torch.nn.Linear(2, 1)
+            >>> torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            >>> model(torch.ones(1, 2)).sum().backward()
+            >>> torch_opt.step()
+            >>> params = {k: v.detach() for k, v in model.named_parameters()}
+            >>> state = pp.optim.adamw(1e-2).from_torch_state_dict(torch_opt.state_dict(), params)
+            >>> int(state.step), state.exp_avg["bias"]
+            (1, tensor([0.1000]))
         """
         return from_torch(self, state_dict, params, step=step)
-
-
-def _merge(old: list[Any], active: list[int], new: list[Any]) -> list[Any]:
-    """``old`` with the ``active`` positions replaced where ``new`` has a tensor."""
-    out = list(old)
-    for i, x in zip(active, new, strict=True):
-        if x is not None:
-            out[i] = x
-    return out
-
-
-def _missing(params: Any, i: int, name: str, x: Any, p: torch.Tensor, opt: Any) -> str:
-    got = (
-        "nothing"
-        if x is None
-        else f"shape {tuple(x.shape)}"
-        if isinstance(x, torch.Tensor)
-        else repr(x)
-    )
-    return (
-        f"state.{name} has {got} for parameter {path_of(params, i)} ({p.dtype}, shape "
-        f"{tuple(p.shape)}): the state was made for other parameters or settings; make one "
-        f"with {type(opt).__name__}.init(params)"
-    )

@@ -7,8 +7,9 @@ from typing import Any, NamedTuple
 import torch
 
 from polprec import _tree
+from polprec._checks import check_number
 
-__all__ = ["Leaves", "align", "leaves", "path_of"]
+__all__ = ["Leaves", "align", "check_lr", "check_state", "leaves", "path_of", "state_leaves"]
 
 
 class Leaves(NamedTuple):
@@ -96,3 +97,70 @@ def align(spec: _tree.TreeSpec, tree: Any, params: Any, name: str) -> list[Any]:
     except (ValueError, TypeError):
         hint = "was the state made by init(params) for these params?"
         raise _mismatch(params, tree, f"state.{name}", hint) from None
+
+
+def check_lr(lr: Any) -> float | torch.Tensor:
+    """A learning rate given to ``step``: a number >= 0 or a 0-dim floating tensor."""
+    if isinstance(lr, torch.Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise TypeError(
+                f"lr must be a number or a 0-dim floating tensor, got a tensor of dtype "
+                f"{lr.dtype} and shape {tuple(lr.shape)}"
+            )
+        return lr
+    return check_number("lr", lr, positive=False)
+
+
+def state_leaves(
+    opt: Any, state: Any, names: tuple[str, ...], lv: Leaves, params: Any
+) -> tuple[list[list[Any]], list[Any] | None, list[Any] | None]:
+    """The moments, master copies and compensation of ``state``, lined up with the params."""
+    slots = []
+    for name in names:
+        tree = getattr(state, name)
+        if tree is None and lv.params:  # (a tree without leaves is None for params=None)
+            raise ValueError(
+                f"state.{name} is None: the state was made by an optimizer with other settings "
+                f"than {opt!r}; make one with this optimizer's init(params)"
+            )
+        slots.append(align(lv.spec, tree, params, name))
+    master, comp = (
+        None if tree is None else align(lv.spec, tree, params, name)
+        for name, tree in (("master", state.master), ("compensation", state.compensation))
+    )
+    return slots, master, comp
+
+
+def check_state(
+    opt: Any,
+    state: Any,
+    params: Any,
+    lv: Leaves,
+    modes: list[Any],
+    names: tuple[str, ...],
+    kept: tuple[list[list[Any]], list[Any] | None, list[Any] | None],
+) -> None:
+    """Every updated leaf has the state its mode needs, in its shape."""
+    slots, master, comp = kept
+    for k, i in enumerate(lv.active):
+        p, mode = lv.params[i], modes[k]
+        if mode.direct and all(type(s[i]) is torch.Tensor and s[i].shape == p.shape for s in slots):
+            continue
+        need = [(n, s[i]) for n, s in zip(names, slots, strict=True)]
+        if mode.master:
+            need.append(("master", None if master is None else master[i]))
+        if mode.kahan:
+            need.append(("compensation", None if comp is None else comp[i]))
+        for name, x in need:
+            if not isinstance(x, torch.Tensor) or x.shape != p.shape:
+                got = "nothing" if x is None else f"shape {tuple(getattr(x, 'shape', ()))}"
+                raise ValueError(
+                    f"state.{name} has {got} for parameter {path_of(params, i)} ({p.dtype}, "
+                    f"shape {tuple(p.shape)}): the state was made for other parameters or "
+                    f"settings; make one with {type(opt).__name__}.init(params)"
+                )
+        if mode.stochastic and state.seed is None:
+            raise ValueError(
+                "state.seed is None but rounding='stochastic' needs it: make the state with "
+                "this optimizer's init(params)"
+            )

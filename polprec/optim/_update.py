@@ -22,7 +22,17 @@ import torch
 from polprec.optim._modes import Mode
 from polprec.optim._rounding import kahan_split, leaf_key, random_bits, round_to
 
-__all__ = ["Buffers", "Inputs", "Outputs", "finish", "fused", "plain", "replace"]
+__all__ = [
+    "Buffers",
+    "Inputs",
+    "Outputs",
+    "counters",
+    "finish",
+    "fused",
+    "merge",
+    "plain",
+    "replace",
+]
 
 
 class Buffers(NamedTuple):
@@ -251,3 +261,29 @@ def replace(leaves: Sequence[Any], active: list[int], new: Sequence[Any]) -> lis
     for i, x in zip(active, new, strict=True):
         out[i] = x
     return out
+
+
+def merge(old: list[Any], active: list[int], new: list[Any]) -> list[Any]:
+    """``old`` with the ``active`` positions replaced where ``new`` has a tensor."""
+    out = list(old)
+    for i, x in zip(active, new, strict=True):
+        if x is not None:
+            out[i] = x
+    return out
+
+
+def counters(
+    state: Any, finite: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(step, skips, consecutive_skips, not_finite)`` after this step."""
+    if finite is None:
+        return state.step + 1, state.skips, torch.zeros_like(state.consecutive_skips), None
+    if finite.device != state.step.device:
+        finite = finite.to(state.step.device)
+    skipped = torch.logical_not(finite)
+    return (
+        state.step + finite,
+        state.skips + skipped,
+        (state.consecutive_skips + 1) * skipped,
+        skipped,
+    )
