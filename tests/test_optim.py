@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import FLOAT_DTYPES, TREE_SHAPES, make_tree
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 import polprec as pp
@@ -477,3 +479,71 @@ def test_optimizers_are_frozen_and_hashable() -> None:
         opt.lr = 0.2  # type: ignore[misc]
     assert pp.optim.adam() != pp.optim.adamw()
     assert pp.optim.adam().betas == (0.9, 0.999) and pp.optim.adamw().weight_decay == 1e-2
+
+
+@settings(max_examples=25)
+@given(
+    flags=st.lists(st.booleans(), min_size=1, max_size=8),
+    name=st.sampled_from(sorted(OPTIMIZERS)),
+    precision=st.sampled_from(sorted(PRECISIONS)),
+    fused_path=st.booleans(),
+)
+def test_skips_leave_no_trace_but_the_counters(
+    flags: list[bool], name: str, precision: str, fused_path: bool
+) -> None:
+    """Any sequence of good and skipped steps ends where the good steps alone end."""
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params, grads = _problem(torch.bfloat16)
+    bad = {k: None if g is None else torch.full_like(g, float("inf")) for k, g in grads.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        if not fused_path:
+            mp.setattr(_fused, "may_fuse", lambda tensors: False)
+        mixed, mixed_state = params, opt.init(params, seed=1)
+        good, good_state = params, opt.init(params, seed=1)
+        for finite in flags:
+            step_grads = grads if finite else bad
+            mixed, mixed_state = opt.step(
+                mixed, step_grads, mixed_state, grads_finite=torch.tensor(finite)
+            )
+            if finite:
+                good, good_state = opt.step(
+                    good, grads, good_state, grads_finite=torch.tensor(True)
+                )
+    assert _trees_equal(mixed, good)
+    for f in dataclasses.fields(good_state):
+        if f.name not in ("skips", "consecutive_skips"):
+            assert _trees_equal(getattr(mixed_state, f.name), getattr(good_state, f.name)), f.name
+    trailing = len(flags) - len("".join("1" if f else "0" for f in flags).rstrip("0"))
+    assert int(mixed_state.skips) == flags.count(False)
+    assert int(mixed_state.consecutive_skips) == trailing
+    assert int(mixed_state.step) == flags.count(True)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (pp.optim.sgd, torch.optim.SGD),
+        (pp.optim.adam, torch.optim.Adam),
+        (pp.optim.adamw, torch.optim.AdamW),
+    ],
+)
+def test_defaults_are_torchs(ours: Any, theirs: Any) -> None:
+    import inspect
+
+    torch_defaults = {
+        k: v.default
+        for k, v in inspect.signature(theirs.__init__).parameters.items()
+        if k not in ("self", "params")
+    }
+    mine = {k: v.default for k, v in inspect.signature(ours).parameters.items()}
+    shared = set(torch_defaults) & set(mine)
+    assert {"lr", "weight_decay", "maximize"} <= shared
+    for name in shared:
+        assert mine[name] == torch_defaults[name], name
+    assert set(torch_defaults) - shared <= {
+        "foreach",
+        "fused",
+        "capturable",
+        "differentiable",
+        "decoupled_weight_decay",
+    }

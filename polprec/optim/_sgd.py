@@ -24,7 +24,7 @@ class SGD(Optimizer):
     Made by :func:`sgd`, which documents the settings.
     """
 
-    lr: float
+    lr: float = 1e-3
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
@@ -100,7 +100,7 @@ class SGD(Optimizer):
 
 
 def sgd(
-    lr: float,
+    lr: float = 1e-3,
     *,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -118,7 +118,8 @@ def sgd(
     are the precision options shared by every polprec optimizer (see :func:`adamw`).
 
     Args:
-        lr: learning rate (>= 0); :meth:`~polprec.optim.SGD.step` may override it.
+        lr: learning rate (>= 0; torch's default 1e-3); :meth:`~polprec.optim.SGD.step` may
+            override it.
         momentum: momentum factor (>= 0).
         dampening: dampening of the momentum, in [0, 1].
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
