@@ -13,7 +13,7 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
     loss_scale = pp.default_loss_scale(policy)
-    opt = pp.optim.sgd(0.5)
+    opt = pp.optim.adamw(1e-2)
     opt_state = opt.init(params)
 
     def loss_fn(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
