@@ -275,9 +275,13 @@ def _scaled_grads(
 def _unscale(
     grads: list[torch.Tensor], loss_scale: LossScale, owned: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    if owned and grads and not isinstance(loss_scale, NoOpLossScale):
-        # fresh eager gradients nobody else holds: unscaled in place, one fused pass
-        finite = _fused.unscale_(grads, torch.reciprocal(loss_scale.loss_scale)) == 0
-        return grads, finite
+    if owned and grads:
+        # Fresh eager gradients nobody else holds: unscaled and checked in place, in one fused
+        # pass; without a loss scale the same kernel checks them (a factor of 1 is exact).
+        if isinstance(loss_scale, NoOpLossScale):
+            inv = torch.ones((), dtype=torch.float32, device=grads[0].device)
+        else:
+            inv = torch.reciprocal(loss_scale.loss_scale)
+        return grads, _fused.unscale_(grads, inv) == 0
     out, finite = unscale_and_check(grads, loss_scale)
     return list(out), finite

@@ -1,4 +1,7 @@
-"""apply_with_policy, autocast, full_precision and value_and_grad under eager, grad, vmap, compile."""
+"""apply_with_policy, autocast, full_precision and value_and_grad under eager, grad, vmap, compile.
+
+Bad input to them: test_audit.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Block
+from helpers import block_batch, mse_loss_fn
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
@@ -27,23 +31,10 @@ def block() -> Block:
     return Block()
 
 
-def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 5, 8, generator=g), torch.randn(n, generator=g)
-
-
-def _loss_fn(model: nn.Module, policy: Any) -> Any:
-    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = pp.apply_with_policy(model, params, (x,), policy=policy)
-        return ((out.float() - y) ** 2).mean()
-
-    return loss_fn
-
-
 @pytest.mark.parametrize("spec", POLICIES)
 def test_eager_dtypes_and_accuracy(block: Block, spec: str) -> None:
     policy = pp.get_policy(spec)
-    x, y = _batch()
+    x, y = block_batch()
     params = dict(block.named_parameters())
 
     def forward(p: Any, x: torch.Tensor, *, policy: pp.Policy) -> torch.Tensor:
@@ -56,12 +47,12 @@ def test_eager_dtypes_and_accuracy(block: Block, spec: str) -> None:
     assert ref.dtype == torch.float32
 
     low = pp.cast_params(params, policy)
-    _loss, grads, finite, _ = pp.value_and_grad(_loss_fn(block, policy))(
+    _loss, grads, finite, _ = pp.value_and_grad(mse_loss_fn(block, policy))(
         low, x, y, loss_scale=pp.default_loss_scale(policy)
     )
     assert bool(finite)
     assert_trees_all_equal_dtypes(grads, policy.param_dtype)
-    _, ref_grads, _, _ = pp.value_and_grad(_loss_fn(block, "32-true"))(
+    _, ref_grads, _, _ = pp.value_and_grad(mse_loss_fn(block, "32-true"))(
         params, x, y, loss_scale=pp.NoOpLossScale()
     )
     rel = _relative_error(grads, ref_grads)
@@ -75,33 +66,33 @@ def _relative_error(a: Any, b: Any) -> float:
 
 
 def test_policy_spec_strings_and_output_dtype(block: Block) -> None:
-    x, _ = _batch()
+    x, _ = block_batch()
     out = pp.apply_with_policy(block, dict(block.named_parameters()), x, policy="c=bf16")
     assert out.dtype == torch.bfloat16  # jmp grammar: output follows compute
 
 
 def test_inputs_and_params_are_not_mutated(block: Block) -> None:
-    x, y = _batch()
+    x, y = block_batch()
     params = dict(block.named_parameters())
     tensors = [*params.values(), x, y]
     versions = [t._version for t in tensors]
     snapshot = [t.detach().clone() for t in tensors]
     for spec in ("bf16-mixed", "16-true", "64-true"):
-        pp.value_and_grad(_loss_fn(block, spec))(
+        pp.value_and_grad(mse_loss_fn(block, spec))(
             pp.cast_params(params, spec), x, y, loss_scale=pp.DynamicLossScale()
         )
-        vmap(grad(_loss_fn(block, spec)), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+        vmap(grad(mse_loss_fn(block, spec)), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
     assert [t._version for t in tensors] == versions
     assert all(torch.equal(t, s) for t, s in zip(tensors, snapshot, strict=True))
     assert list(params) == [n for n, _ in block.named_parameters()]
 
 
 def test_per_sample_gradients_under_vmap_grad(block: Block) -> None:
-    x, y = _batch()
+    x, y = block_batch()
     params = dict(block.named_parameters())
 
     def per_sample(spec: str) -> Any:
-        fn = _loss_fn(block, spec)
+        fn = mse_loss_fn(block, spec)
         return vmap(grad(lambda p, xi, yi: fn(p, xi[None], yi[None])), in_dims=(None, 0, 0))(
             params, x, y
         )
@@ -119,7 +110,7 @@ def test_per_sample_gradients_under_vmap_grad(block: Block) -> None:
 def test_autocast_alone_loses_the_dtype_under_vmap(block: Block) -> None:
     # The pytorch bugs polprec works around (192617, 184890); if torch fixes them this
     # test fails and the explicit casts under transforms can be revisited.
-    x, y = _batch()
+    x, y = block_batch()
     params = dict(block.named_parameters())
     lin = nn.Linear(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -182,7 +173,7 @@ def test_compiled_full_step_matches_eager_and_skips_nan() -> None:
         return loss, pp.select_tree(finite, new, p), ls
 
     compiled = torch.compile(train_step, fullgraph=True)
-    x, y = _batch()
+    x, y = block_batch()
     state = pp.DynamicLossScale(2.0**12)
     loss_c, params_c, state_c = compiled(params, x, y, state)
     loss_e, params_e, state_e = train_step(params, x, y, state)
@@ -280,9 +271,9 @@ def test_value_and_grad_shared_gradient_buffers_are_not_unscaled_twice() -> None
 
 
 def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
-    x, y = _batch()
+    x, y = block_batch()
     params = dict(block.named_parameters())
-    step = pp.value_and_grad(_loss_fn(block, "32-true"))
+    step = pp.value_and_grad(mse_loss_fn(block, "32-true"))
     loss_e, grads_e, _, _ = step(params, x, y, loss_scale=pp.StaticLossScale(2.0**8))
     # Inside vmap (batch of one) the torch.func path runs.
     loss_v, grads_v, _, _ = vmap(
@@ -292,79 +283,17 @@ def test_value_and_grad_eager_and_transform_paths_agree(block: Block) -> None:
     assert_trees_all_close(_tree.tree_map(lambda g: g[0], grads_v), grads_e, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("call", "exc", "fragment"),
-    [
-        (
-            lambda m, p: pp.apply_with_policy("model", p, policy="bf16-mixed"),
-            TypeError,
-            "nn.Module",
-        ),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.apply_with_policy(m, [1], policy="bf16-mixed"),
-            TypeError,
-            "params_and_buffers",
-        ),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.apply_with_policy(
-                m, p, torch.ones(1, 3), kwargs=[1], policy="bf16-mixed"
-            ),
-            TypeError,
-            "kwargs",
-        ),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.apply_with_policy(m, p, torch.ones(1, 3), policy="fp8"),
-            ValueError,
-            "accepted",
-        ),
-        (lambda m, p: pp.value_and_grad("f"), TypeError, "callable"),  # type: ignore[arg-type]
-        (lambda m, p: pp.value_and_grad(lambda q: q, has_aux=1), TypeError, "has_aux"),  # type: ignore[arg-type]
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"])(p, loss_scale=pp.NoOpLossScale()),
-            TypeError,
-            "scalar",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: (q["weight"].sum(), 1))(
-                p, loss_scale=pp.NoOpLossScale()
-            ),
-            TypeError,
-            "has_aux=True",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum(), has_aux=True)(
-                p, loss_scale=pp.NoOpLossScale()
-            ),
-            TypeError,
-            "(loss, aux)",
-        ),
-        (
-            lambda m, p: pp.value_and_grad(lambda q: q["weight"].sum())(p, loss_scale=1.0),
-            TypeError,
-            "DynamicLossScale",
-        ),
-        (lambda m, p: pp.autocast("bf16-mixed", device_type=0), TypeError, "device_type"),  # type: ignore[arg-type]
-        (lambda m, p: pp.full_precision()(3), TypeError, "callable"),  # type: ignore[arg-type]
-    ],
-)
-def test_bad_input(call: Any, exc: type[Exception], fragment: str) -> None:
-    model = nn.Linear(3, 2)
-    with pytest.raises(exc) as info:
-        call(model, dict(model.named_parameters()))
-    assert fragment in str(info.value)
-
-
 def test_bfloat16_params_halve_parameter_and_gradient_bytes(block: Block) -> None:
     def nbytes(tree: Any) -> int:
         return sum(x.numel() * x.element_size() for x in _tree.tree_leaves(tree))
 
-    x, y = _batch()
+    x, y = block_batch()
     full = {k: v.detach() for k, v in block.named_parameters()}
     half = pp.cast_params(full, "bf16-true")
-    _, g_full, _, _ = pp.value_and_grad(_loss_fn(block, "32-true"))(
+    _, g_full, _, _ = pp.value_and_grad(mse_loss_fn(block, "32-true"))(
         full, x, y, loss_scale=pp.NoOpLossScale()
     )
-    _, g_half, _, _ = pp.value_and_grad(_loss_fn(block, "bf16-true"))(
+    _, g_half, _, _ = pp.value_and_grad(mse_loss_fn(block, "bf16-true"))(
         half, x, y, loss_scale=pp.NoOpLossScale()
     )
     assert nbytes(half) * 2 == nbytes(full)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Block
+from helpers import block_batch, mse_loss_fn
 from torch import nn
 from torch.func import grad, vmap
 
@@ -29,17 +30,8 @@ def _setup() -> tuple[Block, dict[str, torch.Tensor], torch.Tensor, torch.Tensor
     torch.manual_seed(0)
     model = Block(d=32).to(DEV)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    g = torch.Generator(device=DEV).manual_seed(1)
-    x = torch.randn(6, 5, 8, device=DEV, generator=g)
-    y = torch.randn(6, device=DEV, generator=g)
+    x, y = block_batch(device=DEV)
     return model, params, x, y
-
-
-def _loss_fn(model: nn.Module, policy: Any) -> Any:
-    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return ((pp.apply_with_policy(model, params, x, policy=policy).float() - y) ** 2).mean()
-
-    return loss_fn
 
 
 @contextmanager
@@ -71,7 +63,7 @@ def test_policies_on_cuda(spec: str) -> None:
     assert out.dtype == policy.output_dtype and out.device.type == DEV
     assert_trees_all_close(out.float(), ref, dtype=policy.compute_dtype)
     state = pp.default_loss_scale(policy).to(DEV)
-    _, grads, finite, _ = pp.value_and_grad(_loss_fn(model, policy))(low, x, y, loss_scale=state)
+    _, grads, finite, _ = pp.value_and_grad(mse_loss_fn(model, policy))(low, x, y, loss_scale=state)
     assert bool(finite)
     assert_trees_all_equal_dtypes(grads, policy.param_dtype)
     assert {g.device.type for g in grads.values()} == {DEV}
@@ -80,7 +72,7 @@ def test_policies_on_cuda(spec: str) -> None:
 def test_training_step_never_syncs_with_the_host() -> None:
     model, params, x, y = _setup()
     policy = pp.get_policy("16-mixed")
-    step_grad = pp.value_and_grad(_loss_fn(model, policy))
+    step_grad = pp.value_and_grad(mse_loss_fn(model, policy))
     state = pp.DynamicLossScale(2.0**10).to(DEV)
     static = pp.StaticLossScale(2.0).to(DEV)
     bad = x.clone()
@@ -137,13 +129,13 @@ def test_per_sample_grads_under_vmap_on_cuda() -> None:
 
     def loss(p: Any, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         model.seen.clear()
-        return _loss_fn(model, policy)(p, xi[None], yi[None])
+        return mse_loss_fn(model, policy)(p, xi[None], yi[None])
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     assert model.seen == [torch.bfloat16]
     assert_trees_all_equal_dtypes(per_sample, torch.float32)
     full = vmap(
-        grad(lambda p, xi, yi: _loss_fn(model, "32-true")(p, xi[None], yi[None])),
+        grad(lambda p, xi, yi: mse_loss_fn(model, "32-true")(p, xi[None], yi[None])),
         in_dims=(None, 0, 0),
     )(params, x, y)
     for k in params:
@@ -156,7 +148,7 @@ def test_compiled_step_on_cuda_equals_eager() -> None:
     model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 1)).to(DEV)
     params = {k: v.detach() for k, v in model.named_parameters()}
     policy = pp.get_policy("bf16-mixed")
-    step_grad = pp.value_and_grad(_loss_fn(model, policy))
+    step_grad = pp.value_and_grad(mse_loss_fn(model, policy))
 
     def step(p: Any, s: Any, xb: torch.Tensor, yb: torch.Tensor) -> Any:
         loss, grads, finite, s = step_grad(p, xb, yb, loss_scale=s)

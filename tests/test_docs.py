@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import free_port as _free_port
 
 import polprec
 import polprec.testing
@@ -77,12 +77,6 @@ RUN_PAGES = [page for page, blocks in ALL_BLOCKS.items() if any(not b.not_run fo
 NOT_RUN = [b for blocks in ALL_BLOCKS.values() for b in blocks if b.not_run]
 # Pages whose code compiles a step: a few seconds of inductor each, so they count as slow.
 SLOW_PAGES = {DOCS / "guides" / "compile.md"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

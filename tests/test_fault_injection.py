@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from helpers import load_digits
 from torch import nn
 
 import polprec as pp
@@ -18,9 +18,7 @@ STEPS = 1000
 
 def _run(inject: set[int], steps: int = STEPS) -> dict[str, Any]:
     torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
+    x, y = load_digits()
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     policy = pp.get_policy("16-mixed")
     params = pp.cast_params({k: v.detach() for k, v in model.named_parameters()}, policy)

@@ -1,4 +1,8 @@
-"""Loss-scale states and the pure functions around them."""
+"""Loss-scale states: the adjust rule, its bounds and hysteresis, GradScaler parity,
+construction, pytree/vmap/compile round trips, state dicts, GradScaler interop, ``.to()``.
+
+Applying a state to a loss and to gradients: test_scaling.py. Bad input: test_audit.py.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +13,31 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FLOAT_DTYPES, make_tree
-from hypothesis import assume, given
+from helpers import trajectory
+from hypothesis import given
 from hypothesis import strategies as st
 
 import polprec as pp
-from polprec import _fused, _tree
-from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtypes
+from polprec import _tree
+from polprec.testing import assert_trees_all_close
 from polprec.testing import strategies as pst
 
 T, F = torch.tensor(True), torch.tensor(False)
 
 
-def _trajectory(state: Any, flags: list[bool]) -> tuple[list[float], list[int]]:
-    scales, counters = [], []
-    for flag in flags:
-        state = state.adjust(torch.tensor(flag))
-        scales.append(float(state.loss_scale))
-        counters.append(int(state.counter))
-    return scales, counters
-
-
-# --- jmp's numbers ----------------------------------------------------------------------
+# --- the adjust rule: jmp's numbers, bounds, hysteresis -------------------------------
 
 
 def test_jmp_period_two_trajectory() -> None:
-    scales, counters = _trajectory(
+    scales, counters = trajectory(
         pp.DynamicLossScale(2.0**15, period=2), [True, True, True, False, True, True]
     )
     assert scales == [32768, 65536, 65536, 32768, 32768, 65536]
     assert counters == [1, 0, 1, 0, 1, 0]
+
+
+def test_adjust_accepts_python_bool() -> None:
+    assert float(pp.DynamicLossScale(8.0).adjust(False).loss_scale) == 4.0
 
 
 @pytest.mark.parametrize("factor", [2, 3])
@@ -55,11 +54,25 @@ def test_inf_guard_and_max_loss_scale() -> None:
     big = pp.DynamicLossScale(2.0**127, period=1)
     assert float(big.adjust(T).loss_scale) == 2.0**127  # 2**128 is inf in float32
     capped = pp.DynamicLossScale(2.0**10, period=1, max_loss_scale=2.0**12)
-    scales, counters = _trajectory(capped, [True] * 5)
+    scales, counters = trajectory(capped, [True] * 5)
     assert scales == [2.0**11, 2.0**12, 2.0**12, 2.0**12, 2.0**12]
     assert counters == [0] * 5
     odd_cap = pp.DynamicLossScale(8.0, period=1, max_loss_scale=100.0)
-    assert _trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
+    assert trajectory(odd_cap, [True] * 4)[0] == [16, 32, 64, 64]
+
+
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=50))
+def test_scale_stays_in_bounds_and_finite(state: Any, flags: list[bool]) -> None:
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        value = float(state.loss_scale)
+        assert math.isfinite(value)
+        assert value > 0
+        if isinstance(state, pp.DynamicLossScale):
+            assert value >= state.min_loss_scale
+            if state.max_loss_scale is not None:
+                assert value <= state.max_loss_scale
+            assert 0 <= int(state.counter) < state.period
 
 
 def test_hysteresis_follows_megatron() -> None:
@@ -67,7 +80,7 @@ def test_hysteresis_follows_megatron() -> None:
     # then on every further overflow until the scale grows again.
     state = pp.DynamicLossScale(2.0**10, period=2, hysteresis=3)
     flags = [False, False, False, False, True, True, False, True, False, False]
-    scales, counters = _trajectory(state, flags)
+    scales, counters = trajectory(state, flags)
     assert scales == [1024, 1024, 512, 256, 256, 512, 512, 512, 512, 256]
     assert counters == [0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
 
@@ -94,10 +107,10 @@ def test_hysteresis_matches_reference_implementation(
     flags: list[bool], period: int, h: int
 ) -> None:
     state = pp.DynamicLossScale(2.0**8, period=period, hysteresis=h)
-    assert _trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
+    assert trajectory(state, flags)[0] == _megatron_reference(2.0**8, flags, period, h)
 
 
-# --- GradScaler parity --------------------------------------------------------------------
+# --- GradScaler parity and the fused update -------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -122,170 +135,28 @@ def test_parity_with_grad_scaler(seed: int, init_scale: float, period: int) -> N
         assert int(state.counter) == scaler.state_dict()["_growth_tracker"]
 
 
-# --- properties ---------------------------------------------------------------------------
-
-
-@given(pst.loss_scales(), st.lists(st.booleans(), max_size=50))
-def test_scale_stays_in_bounds_and_finite(state: Any, flags: list[bool]) -> None:
+@given(pst.loss_scales(), st.lists(st.booleans(), max_size=40))
+def test_fused_and_transform_safe_adjust_agree(state: Any, flags: list[bool]) -> None:
+    # Eager adjust runs torch's fused GradScaler kernel where it applies; under vmap the
+    # torch.where rule runs. Both must give the same trajectory and the same state.
+    batched = _tree.tree_map(lambda x: x[None], state)
+    step = torch.func.vmap(lambda s, f: s.adjust(f))
     for flag in flags:
         state = state.adjust(torch.tensor(flag))
-        value = float(state.loss_scale)
-        assert math.isfinite(value)
-        assert value > 0
-        if isinstance(state, pp.DynamicLossScale):
-            assert value >= state.min_loss_scale
-            if state.max_loss_scale is not None:
-                assert value <= state.max_loss_scale
-            assert 0 <= int(state.counter) < state.period
+        batched = step(batched, torch.tensor([flag]))
+        for a, b in zip(_tree.tree_leaves(state), _tree.tree_leaves(batched), strict=True):
+            assert torch.equal(a, b[0])
 
 
-@given(pst.tensor_trees(pst.tensors(max_magnitude=1e3)), st.integers(0, 8))
-def test_unscale_of_scale_is_exact_for_powers_of_two(tree: Any, exponent: int) -> None:
-    state = pp.StaticLossScale(2.0**exponent)
-    back = state.unscale(state.scale(tree))
-    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(back), strict=True):
-        if _tree.is_float_tensor(a):
-            assert b.dtype == a.dtype
-            if torch.isfinite(state.scale(a)).all():  # no overflow in the leaf's dtype
-                assert torch.equal(a, b)
-        else:
-            assert a is b
+def test_fused_adjust_is_used_for_the_defaults() -> None:
+    assert pp.DynamicLossScale()._fusable()
+    assert pp.DynamicLossScale(factor=4.0)._fusable()
+    assert not pp.DynamicLossScale(factor=3.0)._fusable()
+    assert not pp.DynamicLossScale(hysteresis=2)._fusable()
+    assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
 
 
-@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True)), pst.loss_scales())
-def test_unscale_and_check_is_pure_and_flags_exactly(tree: Any, state: Any) -> None:
-    leaves = [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
-    versions = [x._version for x in leaves]
-    snapshot = [x.clone() for x in leaves]
-    grads, finite = pp.unscale_and_check(tree, state)
-    assert [x._version for x in leaves] == versions
-    for x, s in zip(leaves, snapshot, strict=True):
-        assert torch.equal(x.nan_to_num(), s.nan_to_num())
-    expected = all(
-        bool(torch.isfinite(x).all()) for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)
-    )
-    assert bool(finite) == expected
-    assert finite.dtype == torch.bool
-    assert finite.dim() == 0
-    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
-
-
-@given(pst.tensor_trees(pst.tensors(allow_nonfinite=True), mixed=False), st.integers(0, 20))
-def test_fused_and_transform_safe_paths_agree(tree: Any, exponent: int) -> None:
-    assume(_tree.tree_leaves(tree))  # vmap needs a tensor to map over
-    state = pp.StaticLossScale(2.0**exponent)
-    fused, f_ok = pp.unscale_and_check(tree, state)  # eager: torch's fused AMP kernels
-    batched = _tree.tree_map(lambda x: x[None], tree)
-    plain, p_ok = torch.func.vmap(lambda t: pp.unscale_and_check(t, state))(batched)  # plain ops
-    assert_trees_all_close(fused, _tree.tree_map(lambda x: x[0], plain), rtol=0, atol=0)
-    assert bool(f_ok) == bool(p_ok[0]) == bool(pp.all_finite(tree))
-
-
-# --- unscale_and_check details ------------------------------------------------------------
-
-
-def test_unscale_and_check_over_shapes(tree_shape: str, float_dtype: torch.dtype) -> None:
-    tree = pp.cast_tree(make_tree(tree_shape), float_dtype)
-    grads, finite = pp.unscale_and_check(tree, pp.StaticLossScale(4.0))
-    assert bool(finite)
-    assert _tree.tree_structure(grads) == _tree.tree_structure(tree)
-    assert_trees_all_equal_dtypes(grads, float_dtype)  # float16 grads stay float16
-    expected = _tree.tree_map(lambda x: x / 4 if _tree.is_float_tensor(x) else x, tree)
-    assert_trees_all_close(grads, expected, rtol=0, atol=0)
-
-
-def test_unscale_uses_the_float32_reciprocal_for_float16_grads() -> None:
-    # 2**-25 is below float16's smallest subnormal: it must not be rounded to 0 first.
-    grads = {"w": torch.tensor([1024.0], dtype=torch.float16)}
-    out, _ = pp.unscale_and_check(grads, pp.StaticLossScale(2.0**25))
-    assert out["w"].dtype == torch.float16
-    assert out["w"].item() == 2.0**-15
-
-
-def test_unscale_and_check_keeps_none_and_non_float_leaves() -> None:
-    step = torch.tensor(3)
-    grads, finite = pp.unscale_and_check(
-        {"a": None, "s": step, "w": torch.ones(2) * 8}, pp.StaticLossScale(8)
-    )
-    assert grads["a"] is None
-    assert grads["s"] is step
-    assert grads["w"].tolist() == [1.0, 1.0]
-    assert bool(finite)
-
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_owned_path_matches_the_pure_path(dtype: torch.dtype) -> None:
-    grads = [torch.randn(5, dtype=dtype) * 64, torch.randn(2, 3).to(dtype)]
-    pure, ok1 = pp.unscale_and_check(grads, pp.StaticLossScale(64))
-    owned = [g.clone() for g in grads]
-    ok2 = _fused.unscale_(owned, torch.reciprocal(torch.tensor(64.0))) == 0
-    assert_trees_all_close(pure, owned, rtol=0, atol=0)
-    assert bool(ok1) == bool(ok2)
-
-
-def test_noop_returns_grads_and_still_checks() -> None:
-    grads = {"w": torch.tensor([1.0, float("nan")])}
-    out, finite = pp.unscale_and_check(grads, pp.NoOpLossScale())
-    assert out is grads
-    assert not bool(finite)
-
-
-def test_unscale_and_check_mixed_devices_and_dtypes_grouping() -> None:
-    grads = [
-        torch.ones(3) * 2,
-        torch.ones(2, dtype=torch.float64) * 2,
-        torch.ones(1, dtype=torch.bfloat16) * 2,
-    ]
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(2))
-    assert bool(finite)
-    assert [g.dtype for g in out] == [torch.float32, torch.float64, torch.bfloat16]
-    assert all(bool((g == 1).all()) for g in out)
-    grads[1][0] = float("inf")
-    assert not bool(pp.unscale_and_check(grads, pp.StaticLossScale(2))[1])
-
-
-def test_unscale_and_check_under_grad_tracking() -> None:
-    w = torch.ones(3, requires_grad=True)
-    out, finite = pp.unscale_and_check({"w": w * 4}, pp.StaticLossScale(4))
-    out["w"].sum().backward()
-    assert w.grad is not None
-    assert w.grad.tolist() == [1.0, 1.0, 1.0]
-    assert bool(finite)
-
-
-# --- scale / scale_loss ------------------------------------------------------------------
-
-
-def test_scale_loss_float16_does_not_overflow() -> None:
-    loss = torch.tensor(60000.0, dtype=torch.float16)
-    scaled = pp.scale_loss(loss, pp.StaticLossScale(2.0**16))
-    assert scaled.dtype == torch.float32
-    assert math.isfinite(scaled.item())
-    assert scaled.item() == 60000.0 * 2.0**16
-
-
-@pytest.mark.parametrize(
-    ("dtype", "out"),
-    [
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.float32),
-        (torch.float64, torch.float64),
-    ],
-)
-def test_scale_loss_dtypes(dtype: torch.dtype, out: torch.dtype) -> None:
-    assert pp.scale_loss(torch.tensor(1.0, dtype=dtype), pp.DynamicLossScale()).dtype == out
-    noop = torch.tensor(1.0, dtype=dtype)
-    assert pp.scale_loss(noop, pp.NoOpLossScale()) is noop
-
-
-def test_scale_is_differentiable() -> None:
-    w = torch.ones(2, requires_grad=True)
-    pp.scale_loss((w * 3).sum(), pp.StaticLossScale(8)).backward()
-    assert w.grad is not None
-    assert w.grad.tolist() == [24.0, 24.0]
-
-
-# --- construction, pytree, state dicts ---------------------------------------------------
+# --- construction, scale / unscale, immutability --------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -306,6 +177,69 @@ def test_initial_scale_types_are_stored_as_float32(initial: Any) -> None:
     dyn = pp.DynamicLossScale(initial, period=1)
     assert float(dyn.adjust(T).loss_scale) == 65536.0  # float16 scale adjusts (jmp issue 47)
     assert dyn.counter.dtype == torch.int32
+
+
+def test_dynamic_defaults_follow_jmp_and_bounds_may_meet() -> None:
+    state = pp.DynamicLossScale()
+    assert (state.period, state.factor, state.min_loss_scale) == (2000, 2.0, 1.0)
+    assert float(state.loss_scale) == 2.0**15 and state.max_loss_scale is None
+    assert int(state.counter) == 0 and int(state.hysteresis_tracker) == state.hysteresis == 1
+    pinned = pp.DynamicLossScale(4.0, period=1, min_loss_scale=4.0, max_loss_scale=4.0)
+    for finite in (True, False, True):
+        pinned = pinned.adjust(torch.tensor(finite))
+        assert float(pinned.loss_scale) == 4.0  # min == max: a fixed scale
+    tracked = pp.DynamicLossScale(hysteresis=3, hysteresis_tracker=1)
+    assert int(tracked.hysteresis_tracker) == 1  # an explicit tracker wins over the default
+    assert tracked.counter.dtype == tracked.hysteresis_tracker.dtype == torch.int32
+
+
+def test_dynamic_scale_and_unscale() -> None:
+    state = pp.DynamicLossScale(8.0)
+    tree = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([2])}
+    scaled = state.scale(tree)
+    assert scaled["w"].tolist() == [8.0, 24.0]
+    assert scaled["n"] is tree["n"]
+    assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]
+
+
+@given(pst.tensor_trees(pst.tensors(max_magnitude=1e3)), st.integers(0, 8))
+def test_unscale_of_scale_is_exact_for_powers_of_two(tree: Any, exponent: int) -> None:
+    state = pp.StaticLossScale(2.0**exponent)
+    back = state.unscale(state.scale(tree))
+    for a, b in zip(_tree.tree_leaves(tree), _tree.tree_leaves(back), strict=True):
+        if _tree.is_float_tensor(a):
+            assert b.dtype == a.dtype
+            if torch.isfinite(state.scale(a)).all():  # no overflow in the leaf's dtype
+                assert torch.equal(a, b)
+        else:
+            assert a is b
+
+
+def test_states_are_immutable() -> None:
+    state = pp.DynamicLossScale()
+    with pytest.raises(AttributeError):
+        state.period = 3  # type: ignore[misc]
+    before = (state.loss_scale.clone(), state.counter.clone(), state.loss_scale._version)
+    state.adjust(F)
+    state.adjust(T)
+    assert torch.equal(state.loss_scale, before[0])
+    assert torch.equal(state.counter, before[1])
+    assert state.loss_scale._version == before[2]
+
+
+def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
+    state = pp.DynamicLossScale(8.0, 3, period=5, hysteresis=2)
+    moved = state.to("meta")  # a device without data: shows the move without a GPU
+    assert {t.device.type for t in _tree.tree_leaves(moved)} == {"meta"}
+    assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
+    assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
+    assert state.loss_scale.device.type == "cpu"  # the original is untouched
+    on_cpu = pp.DynamicLossScale(period=3).to("cpu")
+    assert on_cpu.loss_scale.device.type == "cpu"
+    assert on_cpu.period == 3
+
+
+# --- pytrees: flatten/unflatten, vmap, stacking, compile ------------------------------
 
 
 def test_config_survives_pytree_round_trips() -> None:
@@ -329,6 +263,20 @@ def test_config_survives_pytree_round_trips() -> None:
             1e6,
             2,
         )
+
+
+def test_subclasses_of_loss_scales_are_pytrees_too() -> None:
+    class Tagged(pp.StaticLossScale):  # registered when defined (fresh class per run)
+        pass
+
+    state = Tagged(8.0)
+    leaves, spec = _tree.tree_flatten(state)
+    assert len(leaves) == 1 and float(leaves[0]) == 8.0
+    back = _tree.tree_unflatten(spec, [torch.tensor(2.0)])
+    assert type(back) is Tagged and float(back.loss_scale) == 2.0
+    stacked = pp.stack_trees([Tagged(2.0), Tagged(4.0)])
+    scaled = torch.func.vmap(lambda s: pp.scale_loss(torch.tensor(1.0), s))(stacked)
+    assert scaled.tolist() == [2.0, 4.0]
 
 
 def test_vmap_gives_each_member_its_own_scale() -> None:
@@ -377,6 +325,9 @@ def test_compiled_adjust_unscale_select_matches_eager() -> None:
         params, state = p_c, s_c
 
 
+# --- state dicts and GradScaler interop -----------------------------------------------
+
+
 @pytest.mark.parametrize(
     "state",
     [
@@ -401,17 +352,6 @@ def test_state_dict_survives_torch_save_weights_only(state: Any) -> None:
     assert type(state.load_state_dict(loaded)) is type(state)
 
 
-def test_state_dict_errors() -> None:
-    with pytest.raises(TypeError, match="mapping"):
-        pp.DynamicLossScale.from_state_dict([1, 2])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="StaticLossScale, not a DynamicLossScale"):
-        pp.DynamicLossScale.from_state_dict(pp.StaticLossScale(2).state_dict())
-    sd = pp.DynamicLossScale().state_dict()
-    del sd["period"]
-    with pytest.raises(ValueError, match=r"missing keys \['period'\]"):
-        pp.DynamicLossScale.from_state_dict(sd)
-
-
 def test_grad_scaler_state_dict_round_trip() -> None:
     scaler = torch.amp.GradScaler(
         "cpu", init_scale=512.0, growth_factor=4.0, backoff_factor=0.25, growth_interval=7
@@ -428,155 +368,6 @@ def test_grad_scaler_state_dict_round_trip() -> None:
     other.load_state_dict(state.adjust(F).to_grad_scaler_state_dict())
     assert other.get_scale() == 128.0
     assert other.state_dict()["growth_interval"] == 7
-
-
-@pytest.mark.parametrize(
-    ("sd", "exc", "fragment"),
-    [
-        ({}, ValueError, "disabled GradScaler"),
-        (
-            {
-                "scale": 1.0,
-                "growth_factor": 2.0,
-                "backoff_factor": 0.3,
-                "growth_interval": 10,
-                "_growth_tracker": 0,
-            },
-            ValueError,
-            "not 1/growth_factor",
-        ),
-        ("scale", TypeError, "GradScaler.state_dict(), got str"),
-    ],
-)
-def test_grad_scaler_conversion_errors(sd: Any, exc: type[Exception], fragment: str) -> None:
-    with pytest.raises(exc) as info:
-        pp.DynamicLossScale.from_grad_scaler_state_dict(sd)
-    assert fragment in str(info.value)
-
-
-def test_default_loss_scale() -> None:
-    for spec in ("16-mixed", "16-true", 16, "c=f16", "o=f16"):
-        assert isinstance(pp.default_loss_scale(spec), pp.DynamicLossScale)
-    for spec in ("bf16-mixed", "bf16-true", "32-true", 64):
-        assert isinstance(pp.default_loss_scale(spec), pp.NoOpLossScale)
-
-
-def test_states_are_immutable() -> None:
-    state = pp.DynamicLossScale()
-    with pytest.raises(AttributeError):
-        state.period = 3  # type: ignore[misc]
-    before = (state.loss_scale.clone(), state.counter.clone(), state.loss_scale._version)
-    state.adjust(F)
-    state.adjust(T)
-    assert torch.equal(state.loss_scale, before[0])
-    assert torch.equal(state.counter, before[1])
-    assert state.loss_scale._version == before[2]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "exc", "fragment"),
-    [
-        ({"loss_scale": 0.0}, ValueError, "loss_scale must be a finite number > 0"),
-        ({"loss_scale": -2.0}, ValueError, "-2.0"),
-        ({"loss_scale": float("inf")}, ValueError, "inf"),
-        ({"loss_scale": float("nan")}, ValueError, "nan"),
-        ({"loss_scale": "big"}, TypeError, "'big'"),
-        ({"loss_scale": torch.ones(2)}, ValueError, "0-dim"),
-        ({"loss_scale": torch.tensor(True)}, TypeError, "torch.bool"),
-        ({"loss_scale": 0.5}, ValueError, "outside [min_loss_scale"),
-        ({"period": 0}, ValueError, "period must be an int >= 1"),
-        ({"period": 2.5}, TypeError, "2.5"),
-        ({"factor": 1.0}, ValueError, "factor must be > 1"),
-        ({"factor": 0.5}, ValueError, "0.5"),
-        ({"min_loss_scale": -1.0}, ValueError, "min_loss_scale must be a finite number >= 0"),
-        ({"max_loss_scale": 0.5}, ValueError, "max_loss_scale (0.5) must be >= min_loss_scale"),
-        ({"hysteresis": 0}, ValueError, "hysteresis must be an int >= 1"),
-        ({"counter": -1}, ValueError, "counter must be >= 0"),
-        ({"counter": torch.tensor(1.5)}, TypeError, "integer tensor"),
-    ],
-)
-def test_dynamic_loss_scale_rejects_bad_settings(
-    kwargs: dict[str, Any], exc: type[Exception], fragment: str
-) -> None:
-    with pytest.raises(exc) as info:
-        pp.DynamicLossScale(**kwargs)
-    assert fragment in str(info.value)
-
-
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", None, torch.zeros(3)])
-def test_static_loss_scale_rejects_bad_values(bad: Any) -> None:
-    with pytest.raises((TypeError, ValueError)):
-        pp.StaticLossScale(bad)
-
-
-@pytest.mark.parametrize(
-    ("flag", "exc", "fragment"),
-    [
-        (torch.tensor([True, False]), ValueError, "shape (2,)"),
-        (torch.tensor(1.0), ValueError, "torch.float32"),
-        (1, TypeError, "bool"),
-        ("yes", TypeError, "'yes'"),
-    ],
-)
-def test_adjust_rejects_bad_flags(flag: Any, exc: type[Exception], fragment: str) -> None:
-    for state in (pp.NoOpLossScale(), pp.StaticLossScale(2), pp.DynamicLossScale()):
-        with pytest.raises(exc) as info:
-            state.adjust(flag)
-        assert fragment in str(info.value)
-
-
-def test_adjust_accepts_python_bool() -> None:
-    assert float(pp.DynamicLossScale(8.0).adjust(False).loss_scale) == 4.0
-
-
-@pytest.mark.parametrize(
-    "bad", [2.0, None, "dynamic", torch.tensor(2.0), torch.amp.GradScaler("cpu")]
-)
-def test_functions_reject_non_loss_scales(bad: Any) -> None:
-    with pytest.raises(TypeError, match="StaticLossScale"):
-        pp.scale_loss(torch.tensor(1.0), bad)
-    with pytest.raises(TypeError, match="StaticLossScale"):
-        pp.unscale_and_check({"w": torch.ones(1)}, bad)
-
-
-@pytest.mark.parametrize("bad", [1.0, torch.tensor(1), "loss", None])
-def test_scale_loss_rejects_non_float_losses(bad: Any) -> None:
-    with pytest.raises(TypeError, match="floating-point tensor"):
-        pp.scale_loss(bad, pp.DynamicLossScale())
-
-
-def test_to_moves_state() -> None:
-    state = pp.DynamicLossScale(period=3).to("cpu")
-    assert state.loss_scale.device.type == "cpu"
-    assert state.period == 3
-
-
-@given(pst.loss_scales(), st.lists(st.booleans(), max_size=40))
-def test_fused_and_transform_safe_adjust_agree(state: Any, flags: list[bool]) -> None:
-    # Eager adjust runs torch's fused GradScaler kernel where it applies; under vmap the
-    # torch.where rule runs. Both must give the same trajectory and the same state.
-    batched = _tree.tree_map(lambda x: x[None], state)
-    step = torch.func.vmap(lambda s, f: s.adjust(f))
-    for flag in flags:
-        state = state.adjust(torch.tensor(flag))
-        batched = step(batched, torch.tensor([flag]))
-        for a, b in zip(_tree.tree_leaves(state), _tree.tree_leaves(batched), strict=True):
-            assert torch.equal(a, b[0])
-
-
-def test_fused_adjust_is_used_for_the_defaults() -> None:
-    assert pp.DynamicLossScale()._fusable()
-    assert pp.DynamicLossScale(factor=4.0)._fusable()
-    assert not pp.DynamicLossScale(factor=3.0)._fusable()
-    assert not pp.DynamicLossScale(hysteresis=2)._fusable()
-    assert not pp.DynamicLossScale(max_loss_scale=2.0**20)._fusable()
-
-
-def test_grad_scaler_conversion_hint_only_for_empty_dicts() -> None:
-    with pytest.raises(ValueError, match="missing keys") as info:
-        pp.DynamicLossScale.from_grad_scaler_state_dict({"scale": 2.0})
-    assert "disabled" not in str(info.value)
-    assert "'growth_factor'" in str(info.value)
 
 
 def test_grad_scaler_conversion_reads_every_field() -> None:
@@ -610,243 +401,3 @@ def test_grad_scaler_conversion_tolerates_float32_rounded_backoff() -> None:
         "_growth_tracker": 0,
     }
     assert pp.DynamicLossScale.from_grad_scaler_state_dict(sd).factor == 3.0
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "fragment"),
-    [
-        ("growth_factor", "2", "growth_factor must be a Python number, got '2' of type str"),
-        ("backoff_factor", -0.5, "backoff_factor must be a finite number > 0"),
-    ],
-)
-def test_grad_scaler_conversion_names_the_bad_field(key: str, value: Any, fragment: str) -> None:
-    sd = {
-        "scale": 8.0,
-        "growth_factor": 2.0,
-        "backoff_factor": 0.5,
-        "growth_interval": 2,
-        "_growth_tracker": 0,
-    }
-    sd[key] = value
-    with pytest.raises((TypeError, ValueError)) as info:
-        pp.DynamicLossScale.from_grad_scaler_state_dict(sd)
-    assert fragment in str(info.value)
-
-
-def test_from_state_dict_names_unknown_keys() -> None:
-    sd = pp.StaticLossScale(4.0).state_dict() | {"bogus": 1}
-    with pytest.raises(
-        ValueError, match=r"unknown keys \['bogus'\]; expected keys \['loss_scale', 'type'\]"
-    ):
-        pp.StaticLossScale.from_state_dict(sd)
-    with pytest.raises(TypeError, match="got list; pass the output of state_dict()"):
-        pp.StaticLossScale.from_state_dict([])  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("flag", "fragment"),
-    [
-        (
-            "yes",
-            "grads_finite must be a 0-dim torch.bool tensor (as returned by unscale_and_check or all_finite) or a bool, got 'yes' of type str",
-        ),
-        (
-            torch.ones(2, dtype=torch.bool),
-            "grads_finite must be a 0-dim torch.bool tensor, got dtype torch.bool with shape (2,)",
-        ),
-    ],
-)
-def test_adjust_error_messages(flag: Any, fragment: str) -> None:
-    with pytest.raises((TypeError, ValueError)) as info:
-        pp.DynamicLossScale().adjust(flag)
-    assert fragment in str(info.value)
-
-
-def test_static_loss_scale_error_names_the_argument() -> None:
-    with pytest.raises(ValueError, match=r"^loss_scale must be a finite number > 0, got -1\.0$"):
-        pp.StaticLossScale(-1.0)
-
-
-def test_dynamic_scale_and_unscale() -> None:
-    state = pp.DynamicLossScale(8.0)
-    tree = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor([2])}
-    scaled = state.scale(tree)
-    assert scaled["w"].tolist() == [8.0, 24.0]
-    assert scaled["n"] is tree["n"]
-    assert state.unscale(scaled)["w"].tolist() == [1.0, 3.0]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "exc", "fragments"),
-    [
-        ({"factor": 1.0}, ValueError, ["factor must be > 1", "1.0"]),
-        ({"factor": "2"}, TypeError, ["factor must be", "'2'", "of type str"]),
-        ({"factor": math.inf}, ValueError, ["factor must be a finite number > 0", "inf"]),
-        ({"min_loss_scale": -1.0}, ValueError, ["min_loss_scale must be", ">= 0", "-1.0"]),
-        ({"min_loss_scale": math.nan}, ValueError, ["min_loss_scale must be", "nan"]),
-        ({"max_loss_scale": 0.0}, ValueError, ["max_loss_scale must be", "> 0", "0.0"]),
-        ({"max_loss_scale": "big"}, TypeError, ["max_loss_scale must be", "'big'"]),
-        ({"max_loss_scale": 0.5}, ValueError, ["max_loss_scale (0.5) must be >= min_loss_scale"]),
-        ({"period": 0}, ValueError, ["period must be an int >= 1", "0"]),
-        ({"period": 2.0}, TypeError, ["period must be an int >= 1", "2.0"]),
-        ({"hysteresis": 0}, ValueError, ["hysteresis must be an int >= 1"]),
-        ({"loss_scale": 0.0}, ValueError, ["loss_scale must be a finite number > 0", "0.0"]),
-        ({"loss_scale": torch.ones(2)}, ValueError, ["loss_scale must be a 0-dim tensor", "(2,)"]),
-        ({"loss_scale": torch.tensor(True)}, TypeError, ["loss_scale must be a real number"]),
-        ({"counter": -1}, ValueError, ["counter must be >= 0", "-1"]),
-        ({"counter": 1.5}, TypeError, ["counter must be an int", "1.5", "of type float"]),
-        ({"counter": torch.tensor(1.0)}, TypeError, ["counter must be an integer tensor"]),
-        ({"hysteresis_tracker": -2}, ValueError, ["hysteresis_tracker must be >= 0", "-2"]),
-        (
-            {"hysteresis_tracker": torch.zeros(3, dtype=torch.int32)},
-            ValueError,
-            ["hysteresis_tracker must be a 0-dim tensor"],
-        ),
-    ],
-)
-def test_dynamic_configuration_errors_name_the_argument(
-    kwargs: dict[str, Any], exc: type[Exception], fragments: list[str]
-) -> None:
-    with pytest.raises(exc) as info:
-        pp.DynamicLossScale(**kwargs)
-    for fragment in fragments:
-        assert fragment in str(info.value), (fragment, str(info.value))
-
-
-def test_dynamic_defaults_follow_jmp_and_bounds_may_meet() -> None:
-    state = pp.DynamicLossScale()
-    assert (state.period, state.factor, state.min_loss_scale) == (2000, 2.0, 1.0)
-    assert float(state.loss_scale) == 2.0**15 and state.max_loss_scale is None
-    assert int(state.counter) == 0 and int(state.hysteresis_tracker) == state.hysteresis == 1
-    pinned = pp.DynamicLossScale(4.0, period=1, min_loss_scale=4.0, max_loss_scale=4.0)
-    for finite in (True, False, True):
-        pinned = pinned.adjust(torch.tensor(finite))
-        assert float(pinned.loss_scale) == 4.0  # min == max: a fixed scale
-    tracked = pp.DynamicLossScale(hysteresis=3, hysteresis_tracker=1)
-    assert int(tracked.hysteresis_tracker) == 1  # an explicit tracker wins over the default
-    assert tracked.counter.dtype == tracked.hysteresis_tracker.dtype == torch.int32
-
-
-def test_loss_scale_type_errors_suggest_static() -> None:
-    with pytest.raises(TypeError) as info:
-        pp.scale_loss(torch.tensor(1.0), 1024.0)  # type: ignore[arg-type]
-    message = str(info.value)
-    assert "1024.0 of type float" in message and "use StaticLossScale(value)" in message
-    with pytest.raises(TypeError, match="of type int"):
-        pp.scale_loss(3, pp.StaticLossScale(2))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="process_group must be"):
-        pp.unscale_and_check({"w": torch.ones(2)}, pp.StaticLossScale(2), process_group="world")
-
-
-def test_grad_scaler_conversion_messages() -> None:
-    with pytest.raises(ValueError, match="GradScaler state dict") as empty:
-        pp.DynamicLossScale.from_grad_scaler_state_dict({})
-    assert "missing keys" in str(empty.value)
-    assert str(empty.value).count(" (a disabled GradScaler saves an empty dict);") == 1
-    partial = torch.amp.GradScaler("cpu").state_dict()
-    del partial["scale"]
-    with pytest.raises(ValueError, match="GradScaler state dict") as missing:
-        pp.DynamicLossScale.from_grad_scaler_state_dict(partial)
-    assert "['scale']" in str(missing.value) and "disabled" not in str(missing.value)
-    assert "missing keys ['scale']; expected" in str(missing.value)
-    odd = torch.amp.GradScaler("cpu", growth_factor=4.0, backoff_factor=0.5).state_dict()
-    with pytest.raises(ValueError, match="backoff_factor") as mismatch:
-        pp.DynamicLossScale.from_grad_scaler_state_dict(odd)
-    message = str(mismatch.value)
-    assert "backoff_factor 0.5 is not 1/growth_factor (0.25)" in message
-    assert message.endswith("(0.25); DynamicLossScale grows and backs off by the same factor")
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    kernel = torch._amp_foreach_non_finite_check_and_unscale_
-
-    def spy(*args: Any) -> Any:
-        calls.append(len(args[0]))
-        return kernel(*args)
-
-    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", spy)
-    return calls
-
-
-def test_eager_unscale_runs_the_fused_kernel_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _counting(monkeypatch)
-    grads = {
-        "a": torch.full((3,), 8.0),
-        "b": torch.full((2,), 4.0),
-        "n": None,
-        "i": torch.ones(2, dtype=torch.int64),
-    }
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert calls == [2]  # one fused call over the two floating leaves
-    assert bool(finite) and out["a"].tolist() == [2.0] * 3 and out["i"] is grads["i"]
-    params = torch.nn.Parameter(torch.full((2,), 4.0))
-    with torch.no_grad():
-        pp.unscale_and_check([params], pp.StaticLossScale(2.0))
-    assert calls == [2, 1]  # Parameters too, where no graph is being built
-
-
-def test_unscale_is_differentiable_and_avoids_the_fused_kernel(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = _counting(monkeypatch)
-    g = torch.full((3,), 8.0, requires_grad=True)
-    (out,), finite = pp.unscale_and_check([g], pp.StaticLossScale(4.0))
-    assert calls == [] and bool(finite)
-    out.sum().backward()
-    assert g.grad is not None and g.grad.tolist() == [0.25] * 3  # d(g / 4)/dg
-    p = torch.nn.Parameter(torch.ones(2))
-    (q,), _ = pp.unscale_and_check([p], pp.StaticLossScale(2.0))
-    assert calls == [] and q.requires_grad  # a Parameter that requires grad: graph kept
-
-    class Sub(torch.Tensor):
-        pass
-
-    sub = torch.ones(2).as_subclass(Sub)
-    (s,), finite = pp.unscale_and_check([sub], pp.StaticLossScale(2.0))
-    assert calls == [] and s.tolist() == [0.5, 0.5] and bool(finite)  # subclasses: plain ops
-    vmapped = torch.func.vmap(lambda x: pp.unscale_and_check(x, pp.StaticLossScale(2.0))[0])
-    assert vmapped(torch.ones(4, 2)).tolist() == [[0.5, 0.5]] * 4 and calls == []
-
-
-def test_subclasses_of_loss_scales_are_pytrees_too() -> None:
-    class Tagged(pp.StaticLossScale):  # registered when defined (fresh class per run)
-        pass
-
-    state = Tagged(8.0)
-    leaves, spec = _tree.tree_flatten(state)
-    assert len(leaves) == 1 and float(leaves[0]) == 8.0
-    back = _tree.tree_unflatten(spec, [torch.tensor(2.0)])
-    assert type(back) is Tagged and float(back.loss_scale) == 2.0
-    stacked = pp.stack_trees([Tagged(2.0), Tagged(4.0)])
-    scaled = torch.func.vmap(lambda s: pp.scale_loss(torch.tensor(1.0), s))(stacked)
-    assert scaled.tolist() == [2.0, 4.0]
-
-
-def test_to_moves_every_state_tensor_and_keeps_the_settings() -> None:
-    state = pp.DynamicLossScale(8.0, 3, period=5, hysteresis=2)
-    moved = state.to("meta")  # a device without data: shows the move without a GPU
-    assert {t.device.type for t in _tree.tree_leaves(moved)} == {"meta"}
-    assert (moved.period, moved.hysteresis, type(moved)) == (5, 2, pp.DynamicLossScale)
-    assert pp.StaticLossScale(2.0).to("meta").loss_scale.device.type == "meta"
-    assert state.loss_scale.device.type == "cpu"  # the original is untouched
-
-
-def test_unscale_where_the_fused_kernel_lacks_the_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on CUDA, whose fused kernel has no bfloat16: those leaves take plain ops.
-    monkeypatch.setitem(_fused.UNSCALE_DTYPES, "cpu", (torch.float32,))
-    grads = {"b": torch.tensor([8.0, 4.0], dtype=torch.bfloat16), "f": torch.tensor([2.0])}
-    versions = {k: v._version for k, v in grads.items()}
-    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert bool(finite) and out["b"].dtype == torch.bfloat16
-    assert out["b"].tolist() == [2.0, 1.0] and out["f"].tolist() == [0.5]
-    assert {k: v._version for k, v in grads.items()} == versions  # inputs untouched
-    grads["b"] = torch.tensor([8.0, float("nan")], dtype=torch.bfloat16)
-    _, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
-    assert not bool(finite)
-    step = pp.value_and_grad(lambda p, x: (p["w"].float() * x).sum())
-    w = {"w": torch.ones(3, dtype=torch.bfloat16)}
-    _, g, ok, state = step(w, torch.full((3,), 2.0), loss_scale=pp.DynamicLossScale(8.0))
-    assert bool(ok) and g["w"].tolist() == [2.0] * 3 and float(state.loss_scale) == 8.0
-    _, g, ok, state = step(w, torch.full((3,), math.inf), loss_scale=pp.DynamicLossScale(8.0))
-    assert not bool(ok) and float(state.loss_scale) == 4.0

@@ -1,4 +1,7 @@
-"""Policy, get_policy and half_dtype: the Fabric table, jmp's grammar, round trips, errors."""
+"""Policy and get_policy: the Fabric table, jmp's grammar, round trips, the environment.
+
+Bad input to them: test_audit.py.
+"""
 
 from __future__ import annotations
 
@@ -168,59 +171,6 @@ def test_with_methods_replace_one_field(
     assert policy.with_output_dtype(o) == pp.Policy(policy.param_dtype, policy.compute_dtype, o)
 
 
-@pytest.mark.parametrize(
-    ("spec", "exc", "fragment"),
-    [
-        ("transformer-engine", ValueError, "Transformer Engine"),
-        ("transformer-engine-float16", ValueError, "not supported"),
-        ("fp8", ValueError, "float8"),
-        ("float8_e4m3fn", ValueError, "float8"),
-        ("8", ValueError, "accepted"),
-        ("17-mixed", ValueError, "'17-mixed'"),
-        ("", ValueError, "accepted"),
-        ("c=int8", ValueError, "'int8'"),
-        ("x=f16", ValueError, "unknown key 'x'"),
-        ("p=f16,p=f32", ValueError, "given twice"),
-        ("p=f16,", ValueError, "key=value"),
-        (8, ValueError, "accepted"),
-        (128, ValueError, "64, 32, 16"),
-        (True, TypeError, "True"),
-        (16.0, TypeError, "float"),
-        (torch.float16, TypeError, "torch.float16"),
-        ([16], TypeError, "list"),
-    ],
-)
-def test_invalid_specs(spec: object, exc: type[Exception], fragment: str) -> None:
-    with pytest.raises(exc, match=None) as info:
-        pp.get_policy(spec)  # type: ignore[arg-type]
-    assert fragment in str(info.value)
-
-
-def test_error_lists_accepted_forms() -> None:
-    with pytest.raises(ValueError, match="bf16-mixed") as info:
-        pp.get_policy("bf32")
-    message = str(info.value)
-    for form in ("'16-true'", "mixed_float16", "params|p", "bfloat16"):
-        assert form in message
-
-
-@pytest.mark.parametrize(
-    ("args", "exc"),
-    [
-        ((torch.int32, F32, F32), ValueError),
-        ((F32, torch.complex64, F32), ValueError),
-        ((F32, F32, "int8"), ValueError),
-        ((F32, F32, 16), TypeError),
-        ((None, F32, F32), TypeError),
-        ((F32, torch.float8_e4m3fn, F32), ValueError),
-    ],
-)
-def test_policy_rejects_bad_dtypes(args: tuple[object, ...], exc: type[Exception]) -> None:
-    with pytest.raises(exc, match=r"Policy\((param|compute|output)_dtype=") as info:
-        pp.Policy(*args)  # type: ignore[arg-type]
-    assert "accepted" in str(info.value)
-
-
 def test_environment_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("POLPREC_PRECISION", raising=False)
     assert pp.get_policy() == pp.get_policy("32-true")
@@ -248,24 +198,6 @@ def test_explicit_spec_wins_over_plain_environment(monkeypatch: pytest.MonkeyPat
     assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
 
 
-def test_half_dtype() -> None:
-    assert pp.half_dtype("cpu") is BF16
-    assert pp.half_dtype(torch.device("cpu")) is BF16
-    assert pp.half_dtype() in (BF16, F16)
-    assert pp.half_dtype("meta") is F16
-    with pytest.raises(TypeError, match="1.5"):
-        pp.half_dtype(1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="'gpu'"):
-        pp.half_dtype("gpu")
-
-
-@pytest.mark.parametrize("bad", [1, None, torch.int64, "int32", "f8"])
-def test_parse_dtype_errors(bad: object) -> None:
-    with pytest.raises((TypeError, ValueError)) as info:
-        pp.parse_dtype(bad)  # type: ignore[arg-type]
-    assert "accepted" in str(info.value)
-
-
 @given(
     st.sampled_from(["p", "params"]),
     st.sampled_from(["c", "compute"]),
@@ -273,43 +205,6 @@ def test_parse_dtype_errors(bad: object) -> None:
 )
 def test_grammar_short_and_long_keys_agree(p: str, c: str, o: str) -> None:
     assert pp.get_policy(f"{p}=bf16,{c}=f16,{o}=f64") == pp.Policy(BF16, F16, F64)
-
-
-@pytest.mark.parametrize(
-    ("available", "hip", "capability", "expected"),
-    [
-        (False, None, (9, 0), F16),  # no CUDA at all
-        (True, None, (8, 0), BF16),  # Ampere and later: native bfloat16
-        (True, None, (9, 0), BF16),
-        (True, None, (7, 5), F16),  # Turing: float16
-    ],
-)
-def test_half_dtype_on_cuda_devices(
-    monkeypatch: pytest.MonkeyPatch,
-    available: bool,
-    hip: str | None,
-    capability: tuple[int, int],
-    expected: torch.dtype,
-) -> None:
-    asked: list[object] = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
-    monkeypatch.setattr(torch.version, "hip", hip)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability
-    )
-    assert pp.half_dtype("cuda:1") is expected
-    if available:
-        assert asked == [torch.device("cuda:1")]  # the device asked about, not the current one
-
-
-@pytest.mark.parametrize(("supported", "expected"), [(True, BF16), (False, F16)])
-def test_half_dtype_on_rocm(
-    monkeypatch: pytest.MonkeyPatch, supported: bool, expected: torch.dtype
-) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.version, "hip", "6.0")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: supported)
-    assert pp.half_dtype("cuda") is expected
 
 
 def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,51 +224,6 @@ def test_cli_precision_conflicts_with_an_explicit_spec(monkeypatch: pytest.Monke
     assert pp.get_policy("32-true") == pp.Policy(F32, F32, F32)
 
 
-@pytest.mark.parametrize("spec", ["p=,c=f32", "=f32", "p=f32,=bf16", "c=bf16,o="])
-def test_grammar_needs_a_key_and_a_value(spec: str) -> None:
-    with pytest.raises(ValueError, match="key=value") as info:
-        pp.get_policy(spec)
-    assert "params|p, compute|c, output|o" in str(info.value)
-    assert repr(spec) in str(info.value)
-
-
-def test_grammar_splits_at_the_first_equals_sign() -> None:
-    with pytest.raises(ValueError, match="unknown dtype name '=f32'"):
-        pp.get_policy("p==f32")
-
-
-def test_parse_dtype_accepts_torch_prefixed_names_and_lists_accepted_ones() -> None:
+def test_parse_dtype_accepts_torch_prefixed_names() -> None:
     assert pp.parse_dtype("torch.float16") is F16
     assert pp.parse_dtype(" Torch.BFloat16 ") is BF16
-    with pytest.raises(ValueError, match="unknown dtype name") as info:
-        pp.parse_dtype("torch.int8")
-    assert "'torch.int8'" in str(info.value)
-    assert "accepted names are bf16, bfloat16," in str(info.value)
-    with pytest.raises(TypeError) as type_info:
-        pp.parse_dtype([1])  # type: ignore[arg-type]
-    message = str(type_info.value)
-    assert "of type list" in message
-    assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in message
-    with pytest.raises(ValueError, match="int64") as int_info:
-        pp.parse_dtype(torch.int64)
-    assert "torch.float16, torch.bfloat16, torch.float32, torch.float64" in str(int_info.value)
-
-
-def test_float8_specs_say_they_are_unsupported() -> None:
-    with pytest.raises(ValueError, match="transformer-engine") as info:
-        pp.get_policy("transformer-engine")
-    hint = " (float8 / Transformer Engine precisions are not supported by polprec); accepted:"
-    assert f"'transformer-engine'{hint} a Policy;" in str(info.value)
-    with pytest.raises(ValueError, match="quarter") as plain:
-        pp.get_policy("quarter")
-    assert "unknown precision 'quarter'; accepted: a Policy;" in str(plain.value)  # no hint
-    with pytest.raises(ValueError, match="unknown key") as key:
-        pp.get_policy("x=f16")
-    assert str(key.value).endswith(
-        "unknown key 'x'; accepted keys are params|p, compute|c, output|o"
-    )
-
-
-def test_half_dtype_names_the_bad_type() -> None:
-    with pytest.raises(TypeError, match="of type float"):
-        pp.half_dtype(1.5)  # type: ignore[arg-type]

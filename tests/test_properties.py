@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import float_leaves
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
@@ -21,10 +22,6 @@ from polprec.testing import assert_trees_all_close, assert_trees_all_equal_dtype
 from polprec.testing import strategies as pst
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _floats(tree: Any) -> list[torch.Tensor]:
-    return [x for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)]
 
 
 # --- policies -----------------------------------------------------------------------------
@@ -90,7 +87,7 @@ def test_is_mixed_means_autocast_can_serve(policy: pp.Policy) -> None:
 @given(pst.tensor_trees(), pst.floating_dtypes())
 def test_cast_preserves_values_up_to_rounding(tree: Any, dtype: torch.dtype) -> None:
     out = pp.cast_tree(tree, dtype)
-    for a, b in zip(_floats(tree), _floats(out), strict=True):
+    for a, b in zip(float_leaves(tree), float_leaves(out), strict=True):
         assert torch.equal(a.to(dtype), b)
 
 

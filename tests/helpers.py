@@ -1,0 +1,104 @@
+"""Helpers shared by the test files (fixtures live in conftest.py).
+
+Imported as ``from helpers import ...``: pytest puts ``tests/`` on ``sys.path`` because it
+has no ``__init__.py`` (the default ``prepend`` import mode), as it does for ``conftest``.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import polprec as pp
+from polprec import _tree
+
+# --- trees ---------------------------------------------------------------------------------
+
+
+def float_leaves(tree: Any) -> list[torch.Tensor]:
+    """The floating-point tensor leaves of ``tree``, in flatten order."""
+    return [x for x in _tree.tree_leaves(tree) if _tree.is_float_tensor(x)]
+
+
+Snapshot = tuple[Any, list[Any], list[int]]
+
+
+def snapshot(tree: Any) -> Snapshot:
+    """What :func:`assert_unchanged` compares: a shallow copy, leaf values and versions."""
+    leaves = _tree.tree_leaves(tree)
+    return (
+        copy.copy(tree) if isinstance(tree, dict | list) else tree,
+        [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves],
+        [x._version if isinstance(x, torch.Tensor) else -1 for x in leaves],
+    )
+
+
+def assert_unchanged(tree: Any, snap: Snapshot) -> None:
+    """``tree`` was not modified since ``snap``: no in-place write, same values and objects."""
+    shallow, values, versions = snap
+    leaves = _tree.tree_leaves(tree)
+    assert [x._version if isinstance(x, torch.Tensor) else -1 for x in leaves] == versions
+    for x, v in zip(leaves, values, strict=True):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x.nan_to_num(), v.nan_to_num())
+    if isinstance(tree, dict):
+        assert list(tree.items()) == list(shallow.items())  # same keys, same objects
+    if isinstance(tree, list):
+        assert all(a is b for a, b in zip(tree, shallow, strict=True))
+
+
+# --- loss scaling --------------------------------------------------------------------------
+
+
+def trajectory(state: Any, flags: list[bool]) -> tuple[list[float], list[int]]:
+    """The scale and counter after each ``adjust`` of ``state`` by ``flags``."""
+    scales, counters = [], []
+    for flag in flags:
+        state = state.adjust(torch.tensor(flag))
+        scales.append(float(state.loss_scale))
+        counters.append(int(state.counter))
+    return scales, counters
+
+
+# --- models and data -----------------------------------------------------------------------
+
+
+def block_batch(n: int = 6, *, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed ``(x, y)`` batch for conftest's ``Block``: ``x`` of shape (n, 5, 8), ``y`` (n,)."""
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randn(n, 5, 8, device=device, generator=g), torch.randn(
+        n, device=device, generator=g
+    )
+
+
+def mse_loss_fn(model: nn.Module, policy: Any) -> Callable[..., torch.Tensor]:
+    """``loss_fn(params, x, y)``: the float32 mean squared error of ``model`` under ``policy``."""
+
+    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = pp.apply_with_policy(model, params, (x,), policy=policy)
+        return ((out.float() - y) ** 2).mean()
+
+    return loss_fn
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's bundled digits: float32 inputs of shape (1797, 64) in [0, 1], int64 labels."""
+    from sklearn import datasets
+
+    x, y = datasets.load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
