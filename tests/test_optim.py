@@ -435,8 +435,12 @@ def test_compiled_whole_step_does_not_recompile_for_lr_or_loss_scale() -> None:
             comp = compiled(*comp, x, lr)[:3]
     assert int(comp[1].skips) == 1 and int(comp[1].step) == 5
     assert float(comp[2].loss_scale) == float(eager[2].loss_scale)
+    # float16 compute: inductor may round the forward and backward differently from eager
     for a, b in zip(_tensors(comp[:2]), _tensors(eager[:2]), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(a, b)
 
 
 # --- states ----------------------------------------------------------------------------------
