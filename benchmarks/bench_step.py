@@ -1,23 +1,33 @@
-"""A full training step: polprec (eager and compiled) against the hand-written torch.amp step.
+"""A whole training step: polprec against autocast + GradScaler + torch.optim, as ratios.
 
 Two models: an MLP (small ops: per-call overhead dominates) and a 2-block transformer encoder
-(matmuls dominate). For each, the median time per step of
+(matmuls dominate); two optimizers: SGD with momentum and AdamW. For each, the median time
+per step of
 
-* ``fp32``: plain float32 step (``loss.backward()`` + ``torch.optim.SGD``), for reference;
-* ``torch.amp``: ``torch.autocast`` + ``torch.amp.GradScaler`` + ``torch.optim.SGD``;
-* ``polprec``: ``pp.value_and_grad`` + a functional SGD update + ``pp.select_tree``, eager;
-* ``polprec compiled``: the same step under ``torch.compile(fullgraph=True)``,
+* ``fp32``: a plain float32 step (``loss.backward()`` + the torch.optim optimizer), for
+  reference;
+* ``torch.amp``: ``torch.autocast`` + ``torch.amp.GradScaler`` + the torch.optim optimizer
+  with torch's default implementation;
+* ``torch.amp fused``: the same with ``fused=True`` (GradScaler then hands the kernel its
+  ``found_inf`` instead of reading it on the host);
+* ``polprec``: ``pp.value_and_grad`` + the ``pp.optim`` optimizer's pure step with
+  ``grads_finite``, eager;
+* ``polprec donate``: the same step with ``donate=True`` (the fused kernels update the
+  inputs' buffers instead of copies);
+* ``polprec compiled``: the pure step under ``torch.compile(fullgraph=True)``,
 
-all measured interleaved in one process, and the ratios to ``torch.amp``. Both mixed steps use
-dynamic loss scaling (GradScaler / DynamicLossScale). ``--precision 32-true`` compares the same
-steps in float32 (autocast off), which isolates per-step overhead and what compilation buys on
-hardware without fast 16-bit matmuls. Run:
-``python benchmarks/bench_step.py [--precision 16-mixed] [--no-compile] [--device cuda]``.
+all measured interleaved in one process, with the ratios to ``torch.amp`` and, for polprec's
+eager steps, to ``torch.amp fused``. Both mixed steps use dynamic loss scaling (GradScaler /
+DynamicLossScale). ``--precision 32-true`` compares the same steps in float32 (autocast off),
+which isolates per-step overhead. Run:
+``python benchmarks/bench_step.py [--precision 16-mixed] [--optimizers adamw] [--no-compile]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +37,16 @@ from torch import nn
 import polprec as pp
 
 LR = 1e-3
+
+#: name -> (torch.optim optimizer from (params, **implementation), pp.optim optimizer)
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], Any]] = {
+    "sgd": (
+        lambda ps, **kw: torch.optim.SGD(ps, lr=LR, momentum=0.9, **kw),
+        pp.optim.sgd(LR, momentum=0.9),
+    ),
+    "adamw": (lambda ps, **kw: torch.optim.AdamW(ps, lr=LR, **kw), pp.optim.adamw(LR)),
+}
+COLUMNS = ["fp32", "torch.amp", "torch.amp fused", "polprec", "polprec donate", "polprec compiled"]
 
 
 def mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -57,68 +77,77 @@ def steps(
     model: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
     spec: str,
+    optimizer: str,
     compile_: bool,
     device: str = "cpu",
-) -> dict[str, Any]:
+) -> dict[str, Callable[[], None]]:
+    """The candidates for one model, precision and optimizer, each one step per call."""
     policy = pp.get_policy(spec)
     model = model.to(device)
     x, y = (t.to(device) for t in batch)
     device_type = torch.device(device).type
     loss_f = nn.functional.cross_entropy
+    make_torch, opt = OPTIMIZERS[optimizer]
 
-    # --- the torch.amp baseline and the float32 reference, on their own copies of the model
-    ref = {name: _clone(model) for name in ("fp32", "amp")}
-    opts = {name: torch.optim.SGD(m.parameters(), lr=LR) for name, m in ref.items()}
-    scaler = torch.amp.GradScaler(device_type, init_scale=2.0**10)
-
-    def fp32_step() -> None:
-        opts["fp32"].zero_grad(set_to_none=True)
-        loss_f(ref["fp32"](x), y).backward()
-        opts["fp32"].step()
-
-    def amp_step() -> None:
-        opts["amp"].zero_grad(set_to_none=True)
+    def torch_step(implementation: dict[str, Any], amp: bool) -> Callable[[], None]:
+        """A torch.amp step (or, without ``amp``, a plain float32 one) on its own model copy."""
+        net = copy.deepcopy(model)
+        torch_opt = make_torch(net.parameters(), **implementation)
+        scaler = torch.amp.GradScaler(device_type, init_scale=2.0**10)
         # For a float32 policy the same step with autocast off (the GradScaler stays on).
         half = policy.compute_dtype if policy.is_mixed else torch.bfloat16
-        with torch.autocast(device_type, dtype=half, enabled=policy.is_mixed):
-            loss = loss_f(ref["amp"](x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opts["amp"])
-        scaler.update()
 
-    # --- polprec
+        def run() -> None:
+            torch_opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type, dtype=half, enabled=amp and policy.is_mixed):
+                loss = loss_f(net(x), y)
+            if not amp:
+                loss.backward()
+                torch_opt.step()
+                return
+            scaler.scale(loss).backward()
+            scaler.step(torch_opt)
+            scaler.update()
+
+        return run
+
     def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_f(pp.apply_with_policy(model, params, x, policy=policy), y)
 
     step_grad = pp.value_and_grad(loss_fn)
 
-    def pp_step(params: Any, state: pp.DynamicLossScale) -> tuple[Any, pp.DynamicLossScale]:
-        _, grads, finite, state = step_grad(params, x, y, loss_scale=state)
-        new = {k: torch.add(p, grads[k], alpha=-LR) for k, p in params.items()}
-        return pp.select_tree(finite, new, params), state
+    def pp_step(params: Any, state: Any, scale: pp.DynamicLossScale, donate: bool) -> Any:
+        _, grads, finite, scale = step_grad(params, x, y, loss_scale=scale)
+        params, state = opt.step(params, grads, state, grads_finite=finite, donate=donate)
+        return params, state, scale
 
-    box: dict[str, Any] = {
-        "params": pp.cast_params({k: v.detach() for k, v in model.named_parameters()}, policy),
-        "state": pp.DynamicLossScale(2.0**10).to(device),
-    }
+    def run_pp(fn: Callable[..., Any], donate: bool = False) -> Callable[[], None]:
+        params = pp.cast_params(
+            {k: v.detach().clone() for k, v in model.named_parameters()}, policy
+        )
+        box = [params, opt.init(params), pp.DynamicLossScale(2.0**10).to(device)]
 
-    def run_pp(fn: Any, key: str) -> Any:
         def run() -> None:
-            box[key + "_params"], box[key + "_state"] = fn(
-                box.get(key + "_params", box["params"]), box.get(key + "_state", box["state"])
-            )
+            box[:] = fn(*box, donate)
 
         return run
 
-    candidates = {"fp32": fp32_step, "torch.amp": amp_step, "polprec": run_pp(pp_step, "eager")}
+    candidates = {
+        "fp32": torch_step({}, amp=False),
+        "torch.amp": torch_step({}, amp=True),
+        "torch.amp fused": torch_step({"fused": True}, amp=True),
+        "polprec": run_pp(pp_step),
+        "polprec donate": run_pp(pp_step, donate=True),
+    }
     if compile_:
-        candidates["polprec compiled"] = run_pp(torch.compile(pp_step, fullgraph=True), "compiled")
+        compiled = torch.compile(pp_step, fullgraph=True)
+        candidates["polprec compiled"] = run_pp(compiled)
     if device_type == "cuda":  # time whole steps, not kernel launches
         return {name: _synced(fn) for name, fn in candidates.items()}
     return candidates
 
 
-def _synced(fn: Any) -> Any:
+def _synced(fn: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         fn()
         torch.cuda.synchronize()
@@ -126,16 +155,11 @@ def _synced(fn: Any) -> Any:
     return run
 
 
-def _clone(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", nargs="+", default=["bf16-mixed", "16-mixed"])
     parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -143,26 +167,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model_name in args.models:
         for spec in args.precision:
-            torch.manual_seed(0)
-            model, batch = {"mlp": mlp, "transformer": transformer}[model_name]()
-            cands = steps(model, batch, spec, not args.no_compile, args.device)
-            times = measure(cands, repeats=args.repeats, warmup=3)
-            amp = times["torch.amp"]
-            row = [model_name, spec] + [
-                f"{times[k] * 1e3:.2f} ({times[k] / amp:.2f}x)" if k in times else "-"
-                for k in ("fp32", "torch.amp", "polprec", "polprec compiled")
-            ]
-            rows.append(row)
-            print(row, flush=True)
+            for optimizer in args.optimizers:
+                torch.manual_seed(0)
+                model, batch = {"mlp": mlp, "transformer": transformer}[model_name]()
+                cands = steps(model, batch, spec, optimizer, not args.no_compile, args.device)
+                times = measure(cands, repeats=args.repeats, warmup=3)
+                amp, fused = times["torch.amp"], times["torch.amp fused"]
+                row = [model_name, spec, optimizer]
+                row += [
+                    f"{times[k] * 1e3:.2f} ({times[k] / amp:.2f}x)" if k in times else "-"
+                    for k in COLUMNS
+                ]
+                row += [f"{times[k] / fused:.2f}x" for k in ("polprec", "polprec donate")]
+                rows.append(row)
+                print(row, flush=True)
     print(header())
     if torch.device(args.device).type == "cuda":
         print(f"device {torch.cuda.get_device_name()}")
-    print("median ms per step (ratio to torch.amp)")
-    print(
-        table(
-            rows, ["model", "precision", "fp32", "torch.amp", "polprec eager", "polprec compiled"]
-        )
-    )
+    print("median ms per step (ratio to torch.amp); the last two: polprec eager / torch.amp fused")
+    head = ["model", "precision", "optimizer", *COLUMNS, "polprec/fused", "donate/fused"]
+    print(table(rows, head))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
-"""Pieces the examples share: the digits data, a functional Adam, progress and report helpers.
+"""Pieces the examples share: the digits data, command-line options, progress and reports.
 
-Everything here is pure: the optimizer state is a dict of tensors, and ``adam_update``
-returns new parameters and a new state without touching its inputs, so a step can be
-skipped with ``pp.select_tree`` and vmapped over ensemble members.
+The optimizers are ``pp.optim``'s: pure updates that skip a step whose gradients were not
+finite, so the examples' training steps are functions of tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -100,46 +99,6 @@ def batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor
         order = torch.randperm(n, generator=gen)
         out.extend(order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
     return out[:steps]
-
-
-def adam_init(params: Tree) -> dict[str, Any]:
-    """Adam's state: a step count and first/second moments in each parameter's dtype."""
-    return {
-        "step": torch.zeros((), dtype=torch.int32),
-        "m": {k: torch.zeros_like(p) for k, p in params.items()},
-        "v": {k: torch.zeros_like(p) for k, p in params.items()},
-    }
-
-
-def adam_update(
-    params: Tree,
-    grads: Tree,
-    state: dict[str, Any],
-    *,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> tuple[Tree, dict[str, Any]]:
-    """One AdamW step as a pure function: ``(params, grads, state) -> (params, state)``.
-
-    No host synchronisation (the bias corrections are tensors), so it runs under ``vmap``
-    and inside a skipped step chosen by ``pp.select_tree``.
-    """
-    b1, b2 = betas
-    step = state["step"] + 1
-    t = step.to(torch.float32)
-    c1 = 1 - b1**t
-    c2 = 1 - b2**t
-    new_m, new_v, new_p = {}, {}, {}
-    for k, p in params.items():
-        g = grads[k]
-        m = b1 * state["m"][k] + (1 - b1) * g
-        v = b2 * state["v"][k] + (1 - b2) * g * g
-        update = (m / c1) / ((v / c2).sqrt() + eps) + weight_decay * p
-        new_m[k], new_v[k] = m, v
-        new_p[k] = (p - lr * update).to(p.dtype)
-    return new_p, {"step": step, "m": new_m, "v": new_v}
 
 
 @contextlib.contextmanager

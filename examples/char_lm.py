@@ -4,13 +4,14 @@ The text ships with every Python install (the ``.py`` files of
 ``sysconfig.get_paths()["stdlib"]``, read in sorted order), so nothing is downloaded. The model
 is a byte-level, pre-norm causal transformer whose time goes into matrix multiplications:
 a compute-bound workload, where the speed of a 16-bit policy is the speed of the machine's
-16-bit matrix units. The same functional step as ``train_digits.py`` (``pp.value_and_grad``,
-a pure Adam update, ``pp.select_tree``) trains it; the report gives tokens per second and the
-final training and validation losses.
+16-bit matrix units. The same functional step as ``train_digits.py`` (``pp.value_and_grad``
+and ``pp.optim.adamw``'s pure update, which skips a step whose gradients overflowed) trains
+it; the report gives tokens per second and the final training and validation losses.
 
     python examples/char_lm.py                       # precision from POLPREC_PRECISION
     python examples/char_lm.py --precision bf16-mixed
     python examples/char_lm.py --compare             # 32-true, bf16-mixed, bf16-true
+    python examples/char_lm.py --optimizers --lr 3e-4 --steps 300 --d-model 64 --context 64
 
 What to expect from ``--compare``: on a CPU with bfloat16 matrix units (Intel AMX, or
 AVX512-BF16) a bfloat16 matmul is several times faster than a float32 one and the bf16 policies
@@ -20,6 +21,12 @@ float32 (50x for a matmul and 10x for this model's training step on an AVX2 AMD 
 polprec passes on whatever speed the hardware has. The run prints this machine's
 measured 16-bit/float32 matmul throughput so the table can be read against it. float16
 ("16-mixed", add it with ``--policies``) is slow on most CPUs.
+
+``--optimizers`` trains float32 parameters and then bfloat16 ones ("bf16-true") under each of
+``pp.optim``'s precision options. At a small learning rate (3e-4 above) AdamW's updates,
+about the learning rate each, fall under half a bfloat16 spacing of many weights: rounded to
+nearest they are lost and the validation loss ends visibly above float32's, while master
+weights, stochastic rounding and Kahan compensation keep them.
 """
 
 from __future__ import annotations
@@ -35,8 +42,6 @@ from typing import Any
 import torch
 from _common import (
     Progress,
-    adam_init,
-    adam_update,
     make_parser,
     median_ms,
     precision_spec,
@@ -48,6 +53,14 @@ from torch import nn
 import polprec as pp
 
 COMPARE = ["32-true", "bf16-mixed", "bf16-true"]
+#: --optimizers: (precision, name, pp.optim.adamw's precision options).
+OPTIMIZER_RUNS: list[tuple[str, str, dict[str, Any]]] = [
+    ("32-true", "default", {}),
+    ("bf16-true", "nearest", {"master_weights": False}),
+    ("bf16-true", "master weights", {"master_weights": True}),
+    ("bf16-true", "stochastic", {"rounding": "stochastic"}),
+    ("bf16-true", "Kahan", {"kahan": True}),
+]
 
 
 def stdlib_text(n_bytes: int) -> torch.Tensor:
@@ -116,8 +129,15 @@ def matmul_speed(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one model under ``precision``; return its report."""
+def train(
+    text: torch.Tensor,
+    precision: str,
+    args: argparse.Namespace,
+    *,
+    optimizer: str = "default",
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train one model under ``precision`` (and ``pp.optim.adamw`` ``options``); report it."""
     policy = pp.get_policy(precision)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
@@ -125,7 +145,8 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
             d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, context=args.context
         )
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
-    opt = adam_init(params)
+    adamw = pp.optim.adamw(args.lr, weight_decay=0.01, **(options or {}))
+    opt = adamw.init(params)
     scale = pp.default_loss_scale(policy)
 
     def loss_fn(params: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -136,8 +157,7 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
 
     def step(params: Any, opt: Any, scale: pp.LossScale, tokens: torch.Tensor) -> Any:
         loss, grads, finite, scale = grad_fn(params, tokens, loss_scale=scale)
-        new_params, new_opt = adam_update(params, grads, opt, lr=args.lr, weight_decay=0.01)
-        params, opt = pp.select_tree(finite, (new_params, new_opt), (params, opt))
+        params, opt = adamw.step(params, grads, opt, grads_finite=finite)
         return params, opt, scale, loss
 
     n_val = len(text) // 20
@@ -150,7 +170,8 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
         return torch.stack([source[s : s + span] for s in starts.tolist()])
 
     losses, seconds = [], []
-    bar = Progress(range(args.steps), desc=precision, quiet=args.quiet)
+    desc = precision if optimizer == "default" else f"{precision}, {optimizer}"
+    bar = Progress(range(args.steps), desc=desc, quiet=args.quiet)
     for i in bar:
         tokens = sample(train_text)
         start = time.perf_counter()
@@ -161,11 +182,12 @@ def train(text: torch.Tensor, precision: str, args: argparse.Namespace) -> dict[
             bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.close()
     with torch.no_grad():
-        val_loss = torch.stack([loss_fn(params, sample(val_text)) for _ in range(4)]).mean()
+        val_loss = torch.stack([loss_fn(params, sample(val_text)) for _ in range(8)]).mean()
     curve = torch.stack(losses).float()
     tail = max(1, len(curve) // 10)
     return {
         "precision": precision,
+        "optimizer": optimizer,
         "policy": str(policy),
         "tokens/s": args.batch_size * args.context / (median_ms(seconds) / 1000),
         "step ms": median_ms(seconds),
@@ -182,6 +204,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = make_parser(__doc__, precision="32-true", steps=80, batch_size=16, lr=2e-3, threads=1)
     parser.add_argument("--compare", action="store_true", help="run --policies side by side")
     parser.add_argument("--policies", nargs="+", default=COMPARE, help="precisions for --compare")
+    parser.add_argument(
+        "--optimizers",
+        action="store_true",
+        help="float32, then bf16-true under each of pp.optim's precision options",
+    )
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -192,6 +219,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 COLUMNS = [
     ("precision", "s"),
+    ("optimizer", "s"),
     ("tokens/s", ".0f"),
     ("step ms", ".1f"),
     ("first loss", ".3f"),
@@ -216,10 +244,32 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         f"float32 {f32:.1f} GFLOP/s, bfloat16 {matmul_speed(torch.bfloat16) / f32:.2f}x, "
         f"float16 {matmul_speed(torch.float16) / f32:.2f}x of float32"
     )
-    precisions = args.policies if args.compare else [precision_spec(args)]
-    rows = [train(text, p, args) for p in precisions]
+    if args.optimizers:
+        runs = OPTIMIZER_RUNS
+    else:
+        runs = [
+            (p, "default", {}) for p in (args.policies if args.compare else [precision_spec(args)])
+        ]
+    rows = [train(text, p, args, optimizer=name, options=options) for p, name, options in runs]
     print_table(rows, COLUMNS)
+    if args.optimizers:
+        print()
+        print("\n".join(optimizer_conclusions(rows)))
     return rows
+
+
+def optimizer_conclusions(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """How each bfloat16 row's validation loss compares with the float32 row's."""
+    f32 = rows[0]
+    lines = ["Conclusions (a row matches 32-true when its validation loss is within 1%):"]
+    for row in rows[1:]:
+        gap = row["val loss"] / f32["val loss"] - 1
+        verdict = "matches 32-true" if abs(gap) <= 0.01 else f"is {100 * gap:+.1f}% off 32-true"
+        lines.append(
+            f"* bf16-true, {row['optimizer']} {verdict}: validation loss {row['val loss']:.4f} "
+            f"vs {f32['val loss']:.4f} ({100 * gap:+.2f}%)."
+        )
+    return lines
 
 
 if __name__ == "__main__":

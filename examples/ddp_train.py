@@ -14,8 +14,8 @@ sklearn's bundled digits and computes gradients with
 ``pp.value_and_grad(loss_fn, process_group=WORLD)``, which agrees on ``grads_finite`` across
 the ranks before it adjusts the loss scale: one rank's overflow makes every rank skip the
 step and back off the scale together. The step then averages the gradients with one
-all-reduce of a flat buffer and keeps or drops the update with ``pp.select_tree``, so the
-ranks stay bitwise identical. ``--nan-step N`` poisons rank 1's shard at step N to show it.
+all-reduce of a flat buffer, and ``pp.optim.sgd``'s step keeps or drops the update on the agreed
+flag (and counts the skips in its state), so the ranks stay bitwise identical. ``--nan-step N`` poisons rank 1's shard at step N to show it.
 Rank 0 prints the test accuracy.
 """
 
@@ -79,7 +79,8 @@ def main() -> None:
     params = pp.cast_params({k: v.detach().clone() for k, v in model.named_parameters()}, policy)
     for p in params.values():  # every rank starts from rank 0's initialisation
         dist.broadcast(p, src=0)
-    velocity = {k: torch.zeros_like(p) for k, p in params.items()}
+    sgd = pp.optim.sgd(args.lr, momentum=0.9)
+    opt_state = sgd.init(params)
     loss_scale = pp.default_loss_scale(policy)
 
     def loss_fn(params: Tree, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -88,17 +89,14 @@ def main() -> None:
 
     step_grad = pp.value_and_grad(loss_fn, process_group=dist.group.WORLD)
 
-    def train_step(params: Tree, velocity: Tree, loss_scale: Any, xb: Any, yb: Any) -> Any:
+    def train_step(params: Tree, opt_state: Any, loss_scale: Any, xb: Any, yb: Any) -> Any:
         loss, grads, finite, loss_scale = step_grad(params, xb, yb, loss_scale=loss_scale)
         grads = average_across_ranks(grads)
-        new_velocity = {k: 0.9 * velocity[k] + grads[k] for k in params}
-        new_params = {k: p - args.lr * new_velocity[k] for k, p in params.items()}
-        params, velocity = pp.select_tree(finite, (new_params, new_velocity), (params, velocity))
-        return loss, params, velocity, loss_scale, finite
+        params, opt_state = sgd.step(params, grads, opt_state, grads_finite=finite)
+        return loss, params, opt_state, loss_scale
 
     per_rank = args.batch_size // world
     steps_per_epoch = len(x_train) // args.batch_size
-    skipped = torch.zeros((), dtype=torch.int64)  # counted on device, read once at the end
     shuffle = torch.Generator().manual_seed(0)  # the same order on every rank
     start, step = time.perf_counter(), 0
     for epoch in range(args.epochs):
@@ -109,10 +107,7 @@ def main() -> None:
             if step == args.nan_step and rank == world - 1:
                 xb = xb.clone()
                 xb[0, 0] = float("nan")
-            loss, params, velocity, loss_scale, finite = train_step(
-                params, velocity, loss_scale, xb, yb
-            )
-            skipped += (~finite).long()
+            loss, params, opt_state, loss_scale = train_step(params, opt_state, loss_scale, xb, yb)
             step += 1
         mean_loss = loss.float().clone()  # this rank's last loss; averaged for the log line
         dist.all_reduce(mean_loss)
@@ -130,7 +125,9 @@ def main() -> None:
         print(
             f"policy {policy}, {world} rank(s), {step} steps of {args.batch_size} in {elapsed:.1f} s"
         )
-        print(f"skipped steps {int(skipped)}, final loss scale {float(loss_scale.loss_scale):g}")
+        print(
+            f"skipped steps {int(opt_state.skips)}, final loss scale {float(loss_scale.loss_scale):g}"
+        )
         print(f"params identical on all ranks: {all(torch.equal(g, flat) for g in gathered)}")
         print(f"test accuracy {accuracy:.4f}")
     dist.destroy_process_group()

@@ -2,10 +2,11 @@
 
 ``torch.func.stack_module_state`` stacks the members' parameters along a new first dimension
 and ``torch.func.vmap`` runs one functional training step over all of them together: each
-member sees its own shuffle of scikit-learn's digits, its own Adam state and its own
-``DynamicLossScale``. The loss-scale states are pytrees of tensors, so they stack and vmap like
-the parameters; each member grows and backs off its scale and skips its overflowing steps
-independently (``pp.select_tree`` under ``vmap`` selects per member). To make that visible, the
+member sees its own shuffle of scikit-learn's digits, its own ``pp.optim.adam`` state and its
+own ``DynamicLossScale``. The optimizer and loss-scale states are pytrees of tensors, so they
+stack and vmap like the parameters; each member grows and backs off its scale and skips its
+overflowing steps independently (the optimizer's ``grads_finite`` under ``vmap`` is one flag
+per member, and each member's state counts its own skips). To make that visible, the
 members start from different loss scales: the largest overflows float16 at once and backs off.
 
     python examples/ensemble.py
@@ -31,8 +32,6 @@ from _common import (
     Progress,
     Tree,
     accuracy,
-    adam_init,
-    adam_update,
     batches,
     load_digits,
     make_parser,
@@ -98,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = [make_model(args.hidden, args.seed + i) for i in range(n)]
     stacked, _ = stack_module_state(models)
     params = pp.cast_params({k: v.detach() for k, v in stacked.items()}, policy)
-    opt = vmap(adam_init)(params)  # one Adam state (and step count) per member
+    adam = pp.optim.adam(args.lr)
+    opt = vmap(adam.init)(params)  # one Adam state (step and skip counts) per member
     log2 = [args.log2_scales[i % len(args.log2_scales)] for i in range(n)]
     scales = pp.stack_trees([pp.DynamicLossScale(2.0**e, period=args.scale_period) for e in log2])
     base = models[0]
@@ -113,27 +113,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params: Tree, opt: Any, scale: pp.LossScale, x: torch.Tensor, y: torch.Tensor
     ) -> Any:
         loss, grads, finite, scale = grad_fn(params, x, y, loss_scale=scale)
-        new_params, new_opt = adam_update(params, grads, opt, lr=args.lr)
-        params, opt = pp.select_tree(finite, (new_params, new_opt), (params, opt))
-        return params, opt, scale, loss, finite
+        params, opt = adam.step(params, grads, opt, grads_finite=finite)
+        return params, opt, scale, loss
 
     step = vmap(member_step)
     # Each member gets its own shuffle of the training set; a step takes one batch from each.
     plans = [
         batches(len(data.y_train), args.batch_size, args.steps, args.seed + i) for i in range(n)
     ]
-    skipped = torch.zeros(n, dtype=torch.int64)
     seconds, losses = [], []
     for member_idx in Progress(
         zip(*plans, strict=True), total=args.steps, desc=f"{n} members", quiet=args.quiet
     ):
         idx = torch.stack(member_idx)
         start = time.perf_counter()
-        params, opt, scales, loss, finite = step(
-            params, opt, scales, data.x_train[idx], data.y_train[idx]
-        )
+        params, opt, scales, loss = step(params, opt, scales, data.x_train[idx], data.y_train[idx])
         seconds.append(time.perf_counter() - start)
-        skipped += ~finite
         losses.append(loss)
 
     with torch.no_grad():
@@ -146,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "initial scale": 2.0 ** log2[i],
             "final loss": float(final_loss[i]),
             "test acc %": accuracy(logits[i], data.y_test),
-            "skipped": int(skipped[i]),
+            "skipped": int(opt.skips[i]),
             "final scale": float(scales.loss_scale[i]),
         }
         for i in range(n)

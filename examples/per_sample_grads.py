@@ -28,8 +28,6 @@ from _common import (
     Progress,
     Tree,
     accuracy,
-    adam_init,
-    adam_update,
     batches,
     load_digits,
     make_parser,
@@ -75,7 +73,8 @@ def train(data: Digits, name: str, policy: pp.Policy, args: argparse.Namespace) 
     seen: set[torch.dtype] = set()
     hook = model[0].register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
-    opt = adam_init(params)
+    adam = pp.optim.adam(args.lr)
+    opt = adam.init(params)
 
     def loss_one(params: Tree, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = pp.apply_with_policy(model, params, x[None], policy=policy)
@@ -96,7 +95,7 @@ def train(data: Digits, name: str, policy: pp.Policy, args: argparse.Namespace) 
         mean, raw, clipped = clip_and_noise(
             grads, clip=args.clip, noise=args.noise, generator=noise_gen
         )
-        params, opt = adam_update(params, mean, opt, lr=args.lr)
+        params, opt = adam.step(params, mean, opt)
         seconds.append(time.perf_counter() - start)
         max_raw = torch.maximum(max_raw, raw.max())
         max_clipped = torch.maximum(max_clipped, clipped.max())

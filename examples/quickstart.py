@@ -13,6 +13,8 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 10))
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
     loss_scale = pp.default_loss_scale(policy)
+    opt = pp.optim.adamw(1e-2)
+    opt_state = opt.init(params)
 
     def loss_fn(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = pp.apply_with_policy(model, params, x, policy=policy)
@@ -22,8 +24,7 @@ def main() -> None:
     x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
     for step in range(20):
         loss, grads, finite, loss_scale = step_grad(params, x, y, loss_scale=loss_scale)
-        new_params = {k: p - 0.5 * grads[k] for k, p in params.items()}
-        params = pp.select_tree(finite, new_params, params)
+        params, opt_state = opt.step(params, grads, opt_state, grads_finite=finite)
         if step % 5 == 0 or step == 19:
             print(f"step {step:2d}  loss {float(loss):.4f}  finite {bool(finite)}")
     print(f"policy: {policy}")

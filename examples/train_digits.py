@@ -1,14 +1,15 @@
 """Train an MLP on scikit-learn's handwritten digits under any precision, or all side by side.
 
 The training step is functional: ``pp.value_and_grad`` scales the loss, differentiates,
-unscales, checks the gradients and adjusts the loss scale; a pure Adam update (a dict of
-tensors in, a dict of tensors out) proposes new parameters; ``pp.select_tree`` keeps the old
-ones when the gradients overflowed. Parameters live in the policy's param dtype
-(``pp.cast_params``) and the forward runs through ``pp.apply_with_policy``.
+unscales, checks the gradients and adjusts the loss scale; ``pp.optim.adam``'s pure update
+(tensors in, tensors out) applies them, or skips the step when they overflowed. Parameters live
+in the policy's param dtype (``pp.cast_params``) and the forward runs through
+``pp.apply_with_policy``.
 
     python examples/train_digits.py                        # precision from POLPREC_PRECISION
     python examples/train_digits.py --precision bf16-mixed
     python examples/train_digits.py --compare --plot digits.png
+    python examples/train_digits.py --optimizers
 
 ``--compare`` trains float32 ("32-true"), "bf16-mixed", "16-mixed" with dynamic loss scaling,
 "bf16-true" and "16-mixed" without loss scaling on the same data from the same start, then
@@ -24,6 +25,16 @@ gradient reaching the logits is about ``1e-6 * 0.5 / batch_size``, about 8e-9, w
 to zero, so every gradient is zero and the model never moves. Dynamic loss scaling multiplies
 the loss by ``2**15`` (and more as training goes on) before the backward pass and divides
 the float32 gradients afterwards, which lifts them back into float16's range.
+
+``--optimizers`` compares ``pp.optim``'s precision options under "bf16-true" (bfloat16
+parameters) with float32, on a case built to make nearest rounding stall: Adam's updates are
+about its learning rate, and at ``--stall-lr`` (5e-5) they fall under half a bfloat16 spacing
+of most weights (2**-9, about 2e-3, at 1.0; about 1e-4 at a typical initial weight of 0.03), so
+a bfloat16 weight rounded to nearest never moves. Master weights (a float32 copy in the
+optimizer state), stochastic rounding (up or down at random, unbiased) and Kahan compensation
+(a bfloat16 buffer that carries what each update lost) each keep those updates. The table gives
+the bytes per parameter each mode holds (parameters, gradients and optimizer state, measured
+from the tensors).
 """
 
 from __future__ import annotations
@@ -34,13 +45,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import optree
 import torch
 from _common import (
     Digits,
     Progress,
     accuracy,
-    adam_init,
-    adam_update,
     batches,
     load_digits,
     make_parser,
@@ -66,6 +76,22 @@ FINAL_WINDOW = 20  # "final CE" averages the last this many training steps
 INITIAL_SCALE = 2.0**15  # of the dynamic runs (DynamicLossScale's default, jmp's)
 # Runs "match" when their test accuracies differ by at most this many points (7 of 449 digits).
 TOLERANCE = 1.5
+#: pp.optim.adam's precision options by name. "default" leaves float32 parameters as
+#: torch.optim.Adam does and keeps float32 master copies of 16-bit ones.
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "nearest": {"master_weights": False},
+    "master weights": {"master_weights": True},
+    "stochastic": {"rounding": "stochastic"},
+    "Kahan": {"kahan": True},
+    "Kahan, bf16 moments": {"kahan": True, "state_dtype": torch.bfloat16},
+}
+#: --optimizers: float32, then bfloat16 parameters under each option.
+OPTIMIZER_RUNS = [("32-true", "default")] + [
+    ("bf16-true", name) for name in OPTIMIZERS if name != "default"
+]
+# --optimizers rows "match" float32 within this many points of test accuracy.
+OPTIMIZER_TOLERANCE = 1.0
 
 
 def make_model(hidden: int, seed: int) -> nn.Module:
@@ -97,16 +123,25 @@ def train(
     loss_scale: str,
     loss_weight: float,
     args: argparse.Namespace,
+    optimizer: str = "default",
+    lr: float | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train one model; return its report and per-step loss and loss-scale curves."""
+    """Train one model; return its report and per-step loss and loss-scale curves.
+
+    ``optimizer`` names the precision options of ``pp.optim.adam`` (:data:`OPTIMIZERS`);
+    ``lr`` and ``steps`` default to ``--lr`` and ``--steps``.
+    """
+    lr = args.lr if lr is None else lr
+    steps = args.steps if steps is None else steps
     policy = pp.get_policy(precision)
     model = make_model(args.hidden, args.seed)
-    # Detached: the functional update must not chain autograd graphs from step to step.
     params = pp.cast_params({k: p.detach() for k, p in model.named_parameters()}, policy)
     start_params = params  # the update is pure: these tensors never change
-    opt = adam_init(params)
+    # Adam is invariant to the loss weight when its eps is scaled along.
+    adam = pp.optim.adam(lr, eps=1e-8 * loss_weight, **OPTIMIZERS[optimizer])
+    opt = adam.init(params)
     scale = make_loss_scale(loss_scale, policy, args.scale_period)
-    eps = 1e-8 * loss_weight  # Adam is then invariant to the loss weight
 
     def loss_fn(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = pp.apply_with_policy(model, params, x, policy=policy)
@@ -116,24 +151,24 @@ def train(
 
     def step(params: Any, opt: Any, scale: pp.LossScale, x: torch.Tensor, y: torch.Tensor) -> Any:
         loss, grads, finite, scale = grad_fn(params, x, y, loss_scale=scale)
-        new_params, new_opt = adam_update(params, grads, opt, lr=args.lr, eps=eps)
-        params, opt = pp.select_tree(finite, (new_params, new_opt), (params, opt))
-        return params, opt, scale, loss, finite
+        params, opt = adam.step(params, grads, opt, grads_finite=finite)  # skipped if not finite
+        return params, opt, scale, loss, grads
 
     name = f"{precision}, {type(scale).__name__}" + (
         f", loss x{power_of_two(loss_weight)}" if loss_weight != 1 else ""
     )
-    losses, scales, finites, seconds = [], [], [], []
-    plan = batches(len(data.y_train), args.batch_size, args.steps, args.seed)
+    if optimizer != "default":
+        name += f", {optimizer}"
+    losses, scales, seconds = [], [], []
+    plan = batches(len(data.y_train), args.batch_size, steps, args.seed)
     bar = Progress(plan, desc=name, quiet=args.quiet)
     for i, idx in enumerate(bar):
         x, y = data.x_train[idx], data.y_train[idx]
         start = time.perf_counter()
-        params, opt, scale, loss, finite = step(params, opt, scale, x, y)
+        params, opt, scale, loss, grads = step(params, opt, scale, x, y)
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
         scales.append(scale.loss_scale)
-        finites.append(finite)
         if not args.quiet and i % 50 == 0:  # reading the loss syncs; only for the display
             bar.set_postfix(loss=f"{float(loss) / loss_weight:.3f}")
     bar.close()
@@ -141,22 +176,33 @@ def train(
     with torch.no_grad():
         logits = pp.apply_with_policy(model, params, data.x_test, policy=policy)
     loss_curve = torch.stack(losses).float() / loss_weight
+    moved = [not torch.equal(params[k], p) for k, p in start_params.items()]
     return {
         "precision": precision,
         "policy": str(policy),
+        "optimizer": optimizer,
         "loss scale": type(scale).__name__.removesuffix("LossScale"),
         "loss weight": loss_weight,
         "test acc %": accuracy(logits.float(), data.y_test),
         # The cross-entropy itself, without the loss weight: the same quantity in every row.
         "final CE": float(loss_curve[-FINAL_WINDOW:].mean()),
         "step ms": median_ms(seconds),
-        "skipped": int((~torch.stack(finites)).sum()),
+        "skipped": int(opt.skips),  # the optimizer state counts the skipped steps
         "final scale": float(scale.loss_scale),
         "param dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
-        "moved": any(not torch.equal(params[k], p) for k, p in start_params.items()),
+        "moved": any(moved),
+        "bytes/param": bytes_per_parameter(params, grads, opt),
         "loss curve": loss_curve,
         "scale curve": torch.stack(scales).float(),
     }
+
+
+def bytes_per_parameter(params: Any, grads: Any, opt_state: Any) -> float:
+    """Bytes of parameters, gradients and optimizer state per parameter, from the tensors."""
+    count = sum(p.numel() for p in optree.tree_leaves(params, namespace="torch"))
+    tensors = optree.tree_leaves((params, grads, opt_state), namespace="torch")
+    # 0-dim tensors are the step and skip counters: a few bytes per model, not per parameter
+    return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0) / count
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -172,6 +218,9 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         label = f"{row['precision']}, {row['loss scale']}" + (
             f", loss x{power_of_two(row['loss weight'])}" if tiny else ""
         )
+        if row.get("optimizer", "default") != "default":
+            label += f", {row['optimizer']}"
+
         style = {"label": label, "linewidth": 1, "linestyle": "--" if tiny else "-"}
         window = min(20, len(row["loss curve"]))
         smooth = row["loss curve"].unfold(0, window, 1).mean(1)  # running mean
@@ -209,6 +258,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=2.0**-20,
         help="loss weight of the underflow case in --compare",
     )
+    parser.add_argument(
+        "--optimizers",
+        action="store_true",
+        help="compare pp.optim's precision options under bf16-true with float32, on a case "
+        "built to stall nearest rounding (Adam at --stall-lr for --stall-steps steps)",
+    )
+    parser.add_argument("--stall-lr", type=float, default=5e-5, help="lr of --optimizers")
+    parser.add_argument("--stall-steps", type=int, default=3000, help="steps of --optimizers")
     parser.add_argument("--plot", metavar="FILE.png", help="save loss and loss-scale curves")
     parser.add_argument(
         "--scale-period", type=int, default=100, help="DynamicLossScale growth period"
@@ -226,6 +283,63 @@ COLUMNS = [
     ("skipped", "d"),
     ("final scale", power_of_two),
 ]
+
+
+OPTIMIZER_COLUMNS = [
+    ("precision", "s"),
+    ("optimizer", "s"),
+    ("bytes/param", ".0f"),
+    ("test acc %", ".1f"),
+    ("final CE", ".4f"),
+    ("step ms", ".2f"),
+]
+
+
+def optimizer_legend(args: argparse.Namespace, n_test: int) -> list[str]:
+    """What the rows and columns of the ``--optimizers`` table mean."""
+    return [
+        f"Legend: every row trains the same MLP from the same start on the same batches with "
+        f"pp.optim.adam at lr {args.stall_lr:g} ({args.stall_steps} steps of "
+        f"{args.batch_size} examples); 32-true = float32 parameters, bf16-true = bfloat16 "
+        "parameters and compute.",
+        "  optimizer    pp.optim.adam's precision options: default (float32: torch's Adam); "
+        "nearest = master_weights=False (updates rounded to nearest bfloat16); master weights "
+        "= a float32 copy in the state; stochastic = rounding='stochastic'; Kahan = kahan=True "
+        "(a bfloat16 compensation buffer); bf16 moments = state_dtype=torch.bfloat16",
+        "  bytes/param  parameters + gradients + optimizer state, per parameter, summed over "
+        "the tensors",
+        f"  test acc %   accuracy on the {n_test} held-out digits (chance: 10%)",
+        f"  final CE     cross-entropy, mean of the last {min(FINAL_WINDOW, args.stall_steps)} "
+        "training steps",
+        "  step ms      median wall time of one training step",
+    ]
+
+
+def optimizer_conclusions(rows: Sequence[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """One line per bfloat16 row of ``--optimizers``, judged against the float32 row."""
+    f32, others = rows[0], rows[1:]
+    lines = [
+        f"Conclusions (a row matches 32-true when the test accuracies differ by <= "
+        f"{OPTIMIZER_TOLERANCE} point):"
+    ]
+    for row in others:
+        gap = row["test acc %"] - f32["test acc %"]
+        if abs(gap) <= OPTIMIZER_TOLERANCE:
+            verdict = "matches 32-true"
+        else:
+            verdict = f"is {abs(gap):.1f} points {'above' if gap > 0 else 'below'} 32-true"
+        line = (
+            f"* bf16-true, {row['optimizer']} {verdict}: {row['test acc %']:.1f}% vs "
+            f"{f32['test acc %']:.1f}%, final CE {row['final CE']:.4f} vs {f32['final CE']:.4f}, "
+            f"{row['bytes/param']:.0f} bytes per parameter vs {f32['bytes/param']:.0f}"
+        )
+        if gap < -OPTIMIZER_TOLERANCE and row["optimizer"] == "nearest":
+            line += (
+                f": Adam's updates (about {args.stall_lr:g}) fall under half a bfloat16 spacing "
+                "of most weights and round away"
+            )
+        lines.append(line + ".")
+    return lines
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -376,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = load_digits(seed=args.seed)
+    if args.optimizers:
+        return run_optimizers(data, args)
     if args.compare:
         runs = [(p, s, 1.0) for p, s in COMPARE]
         runs += [(p, s, args.underflow_weight) for p, s in UNDERFLOW]
@@ -392,6 +508,32 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print("\n".join(conclusions(rows, args)))
     print()
     print(speed_note(args))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"saved {args.plot}")
+    return rows
+
+
+def run_optimizers(data: Digits, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``--optimizers``: float32 and bfloat16 parameters under each precision option."""
+    rows = [
+        train(
+            data,
+            precision=precision,
+            loss_scale="none",
+            loss_weight=1.0,
+            args=args,
+            optimizer=optimizer,
+            lr=args.stall_lr,
+            steps=args.stall_steps,
+        )
+        for precision, optimizer in OPTIMIZER_RUNS
+    ]
+    print_table(rows, OPTIMIZER_COLUMNS)
+    print()
+    print("\n".join(optimizer_legend(args, len(data.y_test))))
+    print()
+    print("\n".join(optimizer_conclusions(rows, args)))
     if args.plot:
         plot(rows, args.plot)
         print(f"saved {args.plot}")

@@ -7,6 +7,7 @@ and ``torch.compile``.
 
 from __future__ import annotations
 
+from polprec import optim
 from polprec.apply import apply_with_policy, autocast, full_precision
 from polprec.clip import clip_by_global_norm
 from polprec.devices import half_dtype
@@ -44,6 +45,7 @@ __all__ = [
     "full_precision",
     "get_policy",
     "half_dtype",
+    "optim",
     "parse_dtype",
     "parse_spec",
     "scale_loss",

@@ -144,3 +144,88 @@ def norms(tensors: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
         out = torch._foreach_norm(list(tensors), ord, dtype=norm_dtype(first.dtype))  # noqa: SLF001
         return list(out)
     return [torch.linalg.vector_norm(t, ord, dtype=norm_dtype(t.dtype)) for t in tensors]
+
+
+# --- polprec.optim: torch's fused optimizer kernels, always on buffers polprec owns -----------
+#
+# The kernels update params and moments in place and skip the whole update when ``found_inf``
+# is 1 (on CUDA without reading it on the host). polprec never passes ``grad_scale``: with it
+# the kernels write the unscaled gradients back into ``grads``.
+
+#: Device types whose fused Adam/AdamW/SGD kernels implement float16, bfloat16, float32 and
+#: float64; elsewhere polprec.optim takes plain ops.
+OPTIM_DEVICES = ("cpu", "cuda")
+
+
+def adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    step: torch.Tensor,
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """torch's fused Adam (``decoupled``: AdamW) step, in place, for one device and dtype.
+
+    ``step`` is the float32 count after this step, shared by every tensor; ``found_inf`` a
+    float32 0-dim tensor (1: leave everything as it is) or ``None``.
+    """
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        [step] * len(params),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        found_inf=found_inf,
+    )
+
+
+def sgd_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """torch's fused SGD step without dampening, in place, for one device and dtype.
+
+    The momentum buffers start at zero, so ``is_first_step`` (buffer <- gradient) is never
+    needed: with no dampening, ``momentum * 0 + gradient`` is the gradient.
+    """
+    torch._fused_sgd_(
+        params,
+        grads,
+        momentum_buffers,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr=lr,
+        dampening=0.0,
+        nesterov=nesterov,
+        maximize=maximize,
+        is_first_step=False,
+        found_inf=found_inf,
+    )

@@ -79,13 +79,37 @@ def rebuild(cls: type[_S], children: Any, static: Any) -> _S:
     return obj
 
 
+def _flatten_present(obj: State) -> tuple[list[Any], tuple[Any, ...]]:
+    """The pytree view of a state: its children without the ``None`` ones.
+
+    A ``None`` child (an option a state does not use) is static, not a leaf: ``torch.func``
+    and ``torch.compile`` walk trees with ``None`` as a leaf, and ``vmap(in_dims=0)`` rejects
+    such a leaf.
+    """
+    children, static = _flatten(obj)
+    present = tuple(c is not None for c in children)
+    return [c for c in children if c is not None], (static, present)
+
+
+def _unflatten_present(cls: type[_S], leaves: list[Any], context: tuple[Any, ...]) -> _S:
+    static, present = context
+    children: list[Any] = []
+    k = 0
+    for here in present:
+        children.append(leaves[k] if here else None)
+        k += here
+    return rebuild(cls, children, static)
+
+
 class State:
     """Base of polprec's pytree states (pytree registration, ``to``, state dicts)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _declare(cls)
-        _tree.register_node(cls, _flatten, lambda children, static: rebuild(cls, children, static))
+        _tree.register_node(
+            cls, _flatten_present, lambda leaves, context: _unflatten_present(cls, leaves, context)
+        )
 
     def _replace(self: _S, **children: Any) -> _S:
         """A copy with some children replaced (unvalidated, like a pytree rebuild)."""

@@ -238,3 +238,13 @@ def check_tree(tree: Any, name: str) -> None:
             "as model.parameters(), is used up once and has no names); pass "
             "{k: v.detach() for k, v in model.named_parameters()}"
         )
+
+
+def flatten_up_to(spec: TreeSpec, tree: Any) -> list[Any]:
+    """The subtrees of ``tree`` at the leaves of ``spec``, in leaf order.
+
+    ``tree`` must have ``spec``'s structure as a prefix: where ``spec`` has a leaf, ``tree``
+    may hold anything, ``None`` included (a ``None`` gradient or an absent optimizer moment).
+    Raises ``ValueError`` when the structures differ above the leaves.
+    """
+    return list(spec.flatten_up_to(tree))

@@ -1,0 +1,42 @@
+"""Pure, fused, precision-aware optimizers: torch.optim's SGD, Adam and AdamW as functions.
+
+An optimizer is a frozen, hashable object of settings (torch.optim's names and defaults).
+``init(params)`` makes its state, a pytree of tensors; ``step(params, grads, state)`` returns
+new parameters and a new state without changing its inputs, skips a step whose gradients
+were not finite (``grads_finite=False``: parameters and moments unchanged, the skip counted)
+and takes the learning rate as a tensor for schedules under ``torch.compile``. In eager mode
+the update runs on torch's fused kernels with the skip folded in; under ``vmap``,
+``torch.func.grad`` and ``torch.compile`` it runs in plain tensor ops.
+
+The precision options ``master_weights``, ``state_dtype``, ``rounding="stochastic"`` and
+``kahan`` keep 16-bit parameters training like float32 ones.
+
+Examples:
+    >>> import torch
+    >>> import polprec as pp
+    >>> opt = pp.optim.adamw(1e-3)
+    >>> params = {"w": torch.zeros(2)}
+    >>> state = opt.init(params)
+    >>> params, state = opt.step(params, {"w": torch.tensor([1.0, -1.0])}, state)
+    >>> params["w"]
+    tensor([-0.0010,  0.0010])
+"""
+
+from __future__ import annotations
+
+from polprec.optim._adam import Adam, adam, adamw
+from polprec.optim._base import Optimizer
+from polprec.optim._sgd import SGD, sgd
+from polprec.optim._states import AdamState, OptState, SGDState
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamState",
+    "OptState",
+    "Optimizer",
+    "SGDState",
+    "adam",
+    "adamw",
+    "sgd",
+]

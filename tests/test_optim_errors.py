@@ -1,0 +1,254 @@
+"""polprec.optim's bad-input table: every bad option or argument raises a TypeError or
+ValueError that names the bad value and what is accepted, and leaves its inputs alone."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import polprec as pp
+
+sgd, adam, adamw = pp.optim.sgd, pp.optim.adam, pp.optim.adamw
+
+# (what, call, exception, fragments the message must contain)
+OPTIONS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
+    ("negative lr", lambda: sgd(-0.1), ValueError, ["lr", "-0.1", ">= 0"]),
+    ("lr string", lambda: adam("1e-3"), TypeError, ["lr", "'1e-3'", "number"]),  # type: ignore[arg-type]
+    ("nan lr", lambda: adamw(float("nan")), ValueError, ["lr", "nan", "finite"]),
+    ("bool lr", lambda: sgd(True), TypeError, ["lr", "True"]),
+    (
+        "negative momentum",
+        lambda: sgd(0.1, momentum=-0.9),
+        ValueError,
+        ["momentum", "-0.9", ">= 0"],
+    ),
+    (
+        "dampening > 1",
+        lambda: sgd(0.1, momentum=0.9, dampening=2.0),
+        ValueError,
+        ["dampening", "2.0", "[0, 1]"],
+    ),
+    (
+        "nesterov without momentum",
+        lambda: sgd(0.1, nesterov=True),
+        ValueError,
+        ["nesterov", "momentum=0.0", "momentum > 0"],
+    ),
+    (
+        "nesterov with dampening",
+        lambda: sgd(0.1, momentum=0.9, dampening=0.1, nesterov=True),
+        ValueError,
+        ["nesterov", "dampening=0.1"],
+    ),
+    (
+        "nesterov not bool",
+        lambda: sgd(0.1, momentum=0.9, nesterov=1),
+        TypeError,
+        ["nesterov", "True or False", "1"],
+    ),  # type: ignore[arg-type]
+    (
+        "negative weight decay",
+        lambda: adamw(weight_decay=-1e-2),
+        ValueError,
+        ["weight_decay", "-0.01", ">= 0"],
+    ),
+    ("beta1 = 1", lambda: adam(betas=(1.0, 0.999)), ValueError, ["betas[0]", "1.0", "[0, 1)"]),
+    ("beta2 > 1", lambda: adamw(betas=(0.9, 1.5)), ValueError, ["betas[1]", "1.5", "[0, 1)"]),
+    ("negative beta", lambda: adam(betas=(-0.1, 0.9)), ValueError, ["betas[0]", "-0.1", ">= 0"]),
+    ("one beta", lambda: adam(betas=0.9), TypeError, ["betas", "0.9", "pair"]),  # type: ignore[arg-type]
+    ("three betas", lambda: adam(betas=(0.9, 0.99, 0.999)), TypeError, ["betas", "pair"]),  # type: ignore[arg-type]
+    ("negative eps", lambda: adam(eps=-1e-8), ValueError, ["eps", "-1e-08", ">= 0"]),
+    (
+        "amsgrad not bool",
+        lambda: adam(amsgrad="yes"),
+        TypeError,
+        ["amsgrad", "'yes'", "True or False"],
+    ),  # type: ignore[arg-type]
+    ("maximize not bool", lambda: sgd(0.1, maximize=None), TypeError, ["maximize", "None"]),  # type: ignore[arg-type]
+    (
+        "unknown rounding",
+        lambda: adamw(rounding="up"),
+        ValueError,
+        ["rounding", "'up'", "'nearest'", "'stochastic'"],
+    ),
+    ("rounding not str", lambda: adamw(rounding=1), TypeError, ["rounding", "1", "'nearest'"]),  # type: ignore[arg-type]
+    (
+        "master and kahan",
+        lambda: adamw(master_weights=True, kahan=True),
+        ValueError,
+        ["master_weights=True", "kahan=True", "exclusive"],
+    ),
+    (
+        "master_weights str",
+        lambda: sgd(0.1, master_weights="on"),
+        TypeError,
+        ["master_weights", "'on'", "True, False or None"],
+    ),  # type: ignore[arg-type]
+    ("kahan int", lambda: sgd(0.1, kahan=1), TypeError, ["kahan", "1", "True or False"]),  # type: ignore[arg-type]
+    (
+        "integer state dtype",
+        lambda: adamw(state_dtype=torch.int8),
+        ValueError,
+        ["torch.int8", "torch.float32"],
+    ),
+    ("unknown state dtype", lambda: adamw(state_dtype="fp8"), ValueError, ["'fp8'", "bf16"]),
+    ("state dtype type", lambda: adamw(state_dtype=16), TypeError, ["16", "dtype"]),  # type: ignore[arg-type]
+    (
+        "negative seed",
+        lambda: adamw().init({"w": torch.ones(1)}, seed=-1),
+        ValueError,
+        ["seed", "-1", ">= 0"],
+    ),
+]
+
+
+def _check(call: Callable[[], Any], exc: type[Exception], fragments: list[str]) -> None:
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "fragments"), OPTIONS, ids=[o[0] for o in OPTIONS])
+def test_bad_options(
+    what: str, call: Callable[[], Any], exc: type[Exception], fragments: list[str]
+) -> None:
+    _check(call, exc, fragments)
+
+
+def _setup() -> tuple[Any, dict[str, torch.Tensor], Any]:
+    opt = adamw()
+    params = {"layer": {"w": torch.ones(2, 3)}, "b": torch.ones(3)}
+    return opt, params, opt.init(params)
+
+
+def _step(**changes: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        opt, params, state = _setup()
+        args: dict[str, Any] = {
+            "params": params,
+            "grads": {"layer": {"w": torch.ones(2, 3)}, "b": torch.ones(3)},
+            "state": state,
+        }
+        args.update(changes)
+        return opt.step(args.pop("params"), args.pop("grads"), args.pop("state"), **args)
+
+    return call
+
+
+STEPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
+    (
+        "grads missing a key",
+        _step(grads={"layer": {"w": torch.ones(2, 3)}}),
+        ValueError,
+        ["grads", "missing in grads: ['b']"],
+    ),
+    (
+        "grads with an extra key",
+        _step(grads={"layer": {"w": torch.ones(2, 3), "v": torch.ones(1)}, "b": torch.ones(3)}),
+        ValueError,
+        ["grads", "layer.v"],
+    ),
+    (
+        "grads not a tree of params",
+        _step(grads=[torch.ones(2, 3), torch.ones(3)]),
+        ValueError,
+        ["grads must have the structure of params"],
+    ),
+    (
+        "grad of the wrong shape",
+        _step(grads={"layer": {"w": torch.ones(3, 2)}, "b": torch.ones(3)}),
+        ValueError,
+        ["layer.w", "(3, 2)", "(2, 3)"],
+    ),
+    (
+        "integer grad",
+        _step(grads={"layer": {"w": torch.ones(2, 3, dtype=torch.int64)}, "b": torch.ones(3)}),
+        TypeError,
+        ["layer.w", "torch.int64", "floating"],
+    ),
+    (
+        "grad not a tensor",
+        _step(grads={"layer": {"w": 1.0}, "b": torch.ones(3)}),
+        TypeError,
+        ["layer.w", "float", "floating tensor or None"],
+    ),
+    (
+        "state of another optimizer",
+        _step(state=sgd(0.1).init({"b": torch.ones(3)})),
+        TypeError,
+        ["AdamState", "SGDState"],
+    ),
+    (
+        "state of other params",
+        _step(state=adamw().init({"layer": {"w": torch.ones(2, 3)}})),
+        ValueError,
+        ["state.exp_avg", "structure of params"],
+    ),
+    (
+        "state of other shapes",
+        _step(state=adamw().init({"layer": {"w": torch.ones(3, 2)}, "b": torch.ones(3)})),
+        ValueError,
+        ["state.exp_avg", "layer.w", "(3, 2)", "init(params)"],
+    ),
+    (
+        "state without amsgrad",
+        lambda: adamw(amsgrad=True).step(
+            *_setup()[1:2], {"layer": {"w": torch.ones(2, 3)}, "b": torch.ones(3)}, _setup()[2]
+        ),
+        ValueError,
+        ["max_exp_avg_sq", "init(params)"],
+    ),
+    ("negative lr", _step(lr=-1.0), ValueError, ["lr", "-1.0", ">= 0"]),
+    ("lr tensor of shape (1,)", _step(lr=torch.tensor([0.1])), TypeError, ["lr", "0-dim", "(1,)"]),
+    ("integer lr tensor", _step(lr=torch.tensor(1)), TypeError, ["lr", "torch.int64"]),
+    (
+        "finite flag not bool",
+        _step(grads_finite=torch.tensor(1.0)),
+        ValueError,
+        ["grads_finite", "torch.bool", "torch.float32"],
+    ),
+    ("finite flag a string", _step(grads_finite="yes"), TypeError, ["grads_finite", "'yes'"]),
+    ("donate not bool", _step(donate=1), TypeError, ["donate", "1", "True or False"]),
+]
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "fragments"), STEPS, ids=[s[0] for s in STEPS])
+def test_bad_step_arguments(
+    what: str, call: Callable[[], Any], exc: type[Exception], fragments: list[str]
+) -> None:
+    _check(call, exc, fragments)
+
+
+def test_complex_parameters_with_gradients_are_refused() -> None:
+    params = {"z": torch.ones(2, dtype=torch.complex64)}
+    opt = sgd(0.1)
+    _check(
+        lambda: opt.step(params, {"z": torch.ones(2, dtype=torch.complex64)}, opt.init(params)),
+        TypeError,
+        ["z", "complex", "view_as_real"],
+    )
+
+
+def test_a_gradient_for_a_non_floating_leaf_is_refused() -> None:
+    params = {"n": torch.tensor(3)}
+    opt = sgd(0.1)
+    _check(
+        lambda: opt.step(params, {"n": torch.tensor(1.0)}, opt.init(params)),
+        ValueError,
+        ["n", "non-floating", "None"],
+    )
+
+
+def test_bad_input_leaves_the_inputs_alone() -> None:
+    opt, params, state = _setup()
+    before = [t.clone() for t in pp._tree.tree_leaves((params, state))]
+    with pytest.raises(ValueError, match=re.escape("layer.w")):
+        opt.step(params, {"layer": {"w": torch.ones(3, 2)}, "b": torch.ones(3)}, state)
+    after = pp._tree.tree_leaves((params, state))
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
