@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _context, _fused, _tree
+from polprec import _context, _fused, _reparam, _tree
 
 __all__ = ["MESSAGE", "Guard", "call"]
 
@@ -54,7 +54,7 @@ def _substitutes(module: nn.Module, params: Mapping[str, Any]) -> bool:
         if k in param_names
     ):
         return True  # a plain tensor where the module holds a Parameter: no walk needed
-    own = _context.own_tensors(module)
+    own = _reparam.own_tensors(module)
     return any(own.get(k) is not v for k, v in params.items())
 
 
@@ -127,8 +127,6 @@ def call(
 ) -> Any:
     """``functional_call`` with the :class:`Guard` around it."""
     with Guard(module, params, (args, kwargs)) as guard:
-        out = torch.func.functional_call(
-            module, params, args, kwargs, strict=strict, tie_weights=tie_weights
-        )
+        out = _reparam.call(module, params, args, kwargs, strict=strict, tie_weights=tie_weights)
     guard.check(out)
     return out

@@ -141,13 +141,6 @@ def parameter_names(module: nn.Module, keys: Any) -> frozenset[str]:
     return cached[1]
 
 
-def own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s own parameters and buffers by name, every name of a tied tensor included."""
-    own: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    own.update(module.named_buffers(remove_duplicate=False))
-    return own
-
-
 def untie(params: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``params`` with a value for every name tied to a given one: ``functional_call``'s ties.
 

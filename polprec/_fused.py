@@ -84,6 +84,17 @@ UNSCALE_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
 }
 
 
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def one(device: torch.device) -> torch.Tensor:
+    """A float32 ``1`` on ``device``, made once: a factor the kernels only read."""
+    t = _ONES.get(device)
+    if t is None:
+        t = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
+    return t
+
+
 def unscale_(tensors: Sequence[torch.Tensor], inv_scale: torch.Tensor) -> torch.Tensor:
     """Multiply ``tensors`` by ``inv_scale`` in place and check them, one group per device/dtype.
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _tree
+from polprec import _checkpointing, _context, _reparam, _tree
 from polprec._rule_keys import map_named, owner
 from polprec.policy import Policy
 from polprec.rules import PolicyRules
@@ -85,7 +85,7 @@ def apply_rules(
     args, kwargs = _context.cast_inputs(root, args, kwargs, keep)
     device_type = _context.device_type(params_and_buffers, args, kwargs)
     if tie_weights:
-        params_and_buffers = _context.untie(params_and_buffers, _context.own_tensors(module))
+        params_and_buffers = _context.untie(params_and_buffers, _reparam.own_tensors(module))
     casts = _tree.TensorMemo()  # tensor -> {policy: its cast}: tied names share casts
 
     def for_compute(name: str, x: Any) -> Any:

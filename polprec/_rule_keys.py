@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _context, _tree
+from polprec import _reparam, _tree
 from polprec.policy import Policy
 
 __all__ = [
@@ -138,7 +138,7 @@ def tensor_uses(params: Any, module: nn.Module | None) -> _tree.TensorMemo:
             (uses.put(x, set()) if names is None else names).add(name)
     if module is not None:
         tied: dict[int, set[str]] = {}
-        for name, tensor in _context.own_tensors(module).items():
+        for name, tensor in _reparam.own_tensors(module).items():
             tied.setdefault(id(tensor), set()).add(name)
         by_name = {n: names for names in tied.values() if len(names) > 1 for n in names}
         for names in uses.values():
@@ -169,7 +169,7 @@ def keep_in_fp32_patterns(module: nn.Module, default: Policy) -> list[str]:
     is kept when its pattern matches a module or tensor path of ``module``.
     """
     dtypes = (default.param_dtype, default.compute_dtype)
-    paths = [p for p, _ in module.named_modules() if p] + list(_context.own_tensors(module))
+    paths = [p for p, _ in module.named_modules() if p] + list(_reparam.own_tensors(module))
     patterns: list[str] = []
     for attribute, applies_to in _KEEP_IN_FP32:
         entries = getattr(module, attribute, None)

@@ -116,26 +116,19 @@ def value_and_grad(
         params: Any, *args: Any, loss_scale: LossScale | None = None, **kwargs: Any
     ) -> tuple[Any, Any, torch.Tensor, LossScale]:
         loss_scale = _grad_checks.check_loss_scale_arg(loss_scale, args)
-        leaves, spec = _tree.tree_flatten(params)
+        leaves, unflatten = _flatten(params)
         idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
-        # One differentiated input per distinct tensor: a tensor under two names (weights tied
-        # and named twice) stays one tensor, and both names get its whole gradient.
-        diff: list[torch.Tensor] = []
-        slot: list[int] = []
-        first = _tree.TensorMemo()
-        for i in idx:
-            j = first.get(leaves[i])
-            if j is None:
-                j = first.put(leaves[i], len(diff))
-                diff.append(leaves[i])
-            slot.append(j)
+        diff, slot = _distinct([leaves[i] for i in idx])
         _grad_checks.check_params(params, leaves, diff)
+        simple = len(idx) == len(leaves) and len(diff) == len(leaves)  # every leaf differentiated
 
         def rebuild(new: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
+            if simple:
+                return unflatten(new)
             full = list(leaves)
             for i, j in zip(idx, slot, strict=True):
                 full[i] = new[j]
-            return _tree.tree_unflatten(spec, full)
+            return unflatten(full)
 
         def scaled_grads(
             a: tuple[Any, ...], kw: dict[str, Any]
@@ -161,14 +154,49 @@ def value_and_grad(
             aux = stack_trees(auxes) if has_aux else None
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
-        grads_full: list[Any] = [None] * len(leaves)
-        for i, j in zip(idx, slot, strict=True):
-            grads_full[i] = dgrads[j]
-        grads = _tree.tree_unflatten(spec, grads_full)
+        if simple:
+            grads = unflatten(dgrads)
+        else:
+            grads_full: list[Any] = [None] * len(leaves)
+            for i, j in zip(idx, slot, strict=True):
+                grads_full[i] = dgrads[j]
+            grads = unflatten(grads_full)
         new_scale = loss_scale.adjust(finite)
         return ((loss, aux) if has_aux else loss), grads, finite, new_scale
 
     return grad_fn
+
+
+def _flatten(params: Any) -> tuple[list[Any], Callable[[Any], Any]]:
+    """The leaves of ``params`` and a function that rebuilds its structure from new leaves.
+
+    A dict of tensors, the usual params, is taken apart without a tree walk.
+    """
+    if type(params) is dict and all(isinstance(v, torch.Tensor) for v in params.values()):
+        keys = list(params)
+        return list(params.values()), lambda new: dict(zip(keys, new, strict=True))
+    leaves, spec = _tree.tree_flatten(params)
+    return leaves, lambda new: _tree.tree_unflatten(spec, new)
+
+
+def _distinct(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """One differentiated input per distinct tensor, and each leaf's position among them.
+
+    A tensor under two names (weights tied and named twice) stays one tensor, and both
+    names get its whole gradient.
+    """
+    if not torch.compiler.is_compiling() and len({id(x) for x in tensors}) == len(tensors):
+        return tensors, list(range(len(tensors)))  # the common case: no tensor twice
+    diff: list[torch.Tensor] = []
+    slot: list[int] = []
+    first = _tree.TensorMemo()
+    for x in tensors:
+        j = first.get(x)
+        if j is None:
+            j = first.put(x, len(diff))
+            diff.append(x)
+        slot.append(j)
+    return diff, slot
 
 
 def _scaled_grads(
@@ -192,7 +220,8 @@ def _scaled_grads(
             loss, aux = _grad_checks.split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
             got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
         dgrads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
-        aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
+        if has_aux:
+            aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
         return loss.detach(), aux, dgrads, _fused.owned(dgrads)
 
     def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
@@ -214,7 +243,7 @@ def _unscale(
         # Fresh eager gradients nobody else holds: unscaled and checked in place, in one fused
         # pass; without a loss scale the same kernel checks them (a factor of 1 is exact).
         if isinstance(loss_scale, NoOpLossScale):
-            inv = torch.ones((), dtype=torch.float32, device=grads[0].device)
+            inv = _fused.one(grads[0].device)
         else:
             inv = torch.reciprocal(loss_scale.loss_scale)
         return grads, _fused.unscale_(grads, inv) == 0

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polprec import _context, _tree
+from polprec import _reparam, _tree
 from polprec._rule_keys import (
     Key,
     check_class_names,
@@ -177,7 +177,7 @@ class PolicyRules:
                 plan[path] = best[1]
             else:
                 plan[path] = plan[path.rpartition(".")[0]] if path else self.default
-        for name in _context.own_tensors(module):
+        for name in _reparam.own_tensors(module):
             self._best(name, None, param=True, used=used)
         self._report_unmatched(used, module)
         return plan

@@ -95,7 +95,7 @@ def unscale_and_check(
         inv = torch.reciprocal(loss_scale.loss_scale)
         if _fused.may_fuse(floats):
             floats = _fused.mul(floats, inv)  # fresh buffers, then checked in place
-            one = torch.ones((), dtype=torch.float32, device=floats[0].device)
+            one = _fused.one(floats[0].device)
             finite = _fused.unscale_(floats, one) == 0
         else:
             finite = all_finite(floats)

@@ -230,3 +230,20 @@ def test_unscale_where_the_fused_kernel_lacks_the_dtype(monkeypatch: pytest.Monk
     assert bool(ok) and g["w"].tolist() == [2.0] * 3 and float(state.loss_scale) == 8.0
     _, g, ok, state = step(w, torch.full((3,), math.inf), loss_scale=pp.DynamicLossScale(8.0))
     assert not bool(ok) and float(state.loss_scale) == 4.0
+
+
+@pytest.mark.parametrize(
+    "state", [pp.NoOpLossScale(), pp.StaticLossScale(4.0)], ids=["noop", "static"]
+)
+def test_value_and_grad_checks_its_gradients_in_one_fused_call(
+    monkeypatch: pytest.MonkeyPatch, state: Any
+) -> None:
+    calls = _counting(monkeypatch)
+    # (b.sum()'s gradient would be an expanded view: not a buffer of its own to check in place)
+    step = pp.value_and_grad(lambda p, x: (p["w"] * x).sum() + (p["b"] * 2.0).sum())
+    params = {"w": torch.ones(3), "b": torch.zeros(2)}
+    _, grads, finite, _ = step(params, torch.arange(3.0), loss_scale=state)
+    assert calls == [2] and bool(finite)  # every scale type: one launch over both leaves
+    assert grads["w"].tolist() == [0.0, 1.0, 2.0] and grads["b"].tolist() == [2.0, 2.0]
+    _, _, finite, _ = step(params, torch.tensor([1.0, math.nan, 2.0]), loss_scale=state)
+    assert calls == [2, 2] and not bool(finite)

@@ -1,0 +1,122 @@
+"""The cheaper functional_call: the same results as torch's, and a layout that notices changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from polprec import _reparam
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.norm = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(tokens)))
+
+
+def _both(module: nn.Module, params: dict[str, Any], *args: Any, **kw: Any) -> tuple[Any, Any]:
+    ours = _reparam.call(module, params, args, {}, strict=False, **kw)
+    theirs = torch.func.functional_call(module, params, args, strict=False, **kw)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_same_results_as_functional_call_with_ties_and_buffers(tie_weights: bool) -> None:
+    torch.manual_seed(0)
+    model = Tied().eval()
+    tokens = torch.tensor([0, 3, 4, 1])
+    shared = torch.randn(5, 4)
+    for params in (
+        {"embed.weight": shared},  # one tied name: the other follows when tying
+        {"embed.weight": shared, "head.weight": shared},
+        {"norm.running_mean": torch.ones(4), "norm.weight": torch.full((4,), 2.0)},
+        {},
+    ):
+        ours, theirs = _both(model, params, tokens, tie_weights=tie_weights)
+        assert torch.equal(ours, theirs)
+    assert model.head.weight is model.embed.weight  # restored
+    assert not torch.equal(model.embed.weight, shared)
+
+
+def test_different_tensors_under_tied_names_are_refused() -> None:
+    model = Tied().eval()
+    with pytest.raises(ValueError, match="different values for keys"):
+        _reparam.call(
+            model,
+            {"embed.weight": torch.zeros(5, 4), "head.weight": torch.ones(5, 4)},
+            (torch.tensor([0]),),
+            {},
+            strict=False,
+            tie_weights=True,
+        )
+    out = _reparam.call(  # without tying, each name gets its own tensor
+        model,
+        {"embed.weight": torch.zeros(5, 4), "head.weight": torch.ones(5, 4)},
+        (torch.tensor([0]),),
+        {},
+        strict=False,
+        tie_weights=False,
+    )
+    assert torch.equal(out, torch.zeros(1, 5))  # zero embeddings after the (eval-less) norm
+
+
+def test_gradients_flow_to_the_passed_tensors_and_the_module_is_restored_on_errors() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    own = {k: v for k, v in model.named_parameters()}
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    out = _reparam.call(model, params, (x,), {}, strict=False, tie_weights=True)
+    grads = torch.autograd.grad(out.sum(), list(params.values()))
+    ref = torch.func.functional_call(model, params, (x,))
+    ref_grads = torch.autograd.grad(ref.sum(), list(params.values()))
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    with pytest.raises(RuntimeError):
+        _reparam.call(model, params, (torch.randn(4, 7),), {}, strict=False, tie_weights=True)
+    assert all(getattr_path(model, k) is v for k, v in own.items())
+
+
+def getattr_path(module: nn.Module, name: str) -> Any:
+    *path, last = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return getattr(module, last)
+
+
+def test_the_layout_follows_reassigned_tensors_and_submodules() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    x = torch.ones(1, 2)
+    w = torch.eye(2)
+    first = _reparam.call(model, {"0.weight": w}, (x,), {}, strict=False, tie_weights=True)
+    assert torch.equal(first, torch.func.functional_call(model, {"0.weight": w}, (x,)))
+    model[0] = nn.Linear(2, 2)  # a new submodule: the old layout would write into the old one
+    again = _reparam.call(model, {"0.weight": w}, (x,), {}, strict=False, tie_weights=True)
+    assert torch.equal(again, torch.func.functional_call(model, {"0.weight": w}, (x,)))
+    model[1].weight = model[0].weight  # tied after the first call
+    tied = _reparam.call(model, {"0.weight": w}, (x,), {}, strict=False, tie_weights=True)
+    assert torch.equal(tied, torch.func.functional_call(model, {"0.weight": w}, (x,)))
+    assert "1.weight" in _reparam.own_tensors(model)
+
+
+def test_layouts_it_does_not_handle_go_to_functional_call() -> None:
+    inner = nn.Linear(2, 2)
+    shared = nn.Sequential(inner, inner)  # one submodule under two paths
+    x = torch.ones(1, 2)
+    w = torch.eye(2)
+    ours, theirs = _both(shared, {"0.weight": w}, x, tie_weights=True)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: torch's own check
+        _reparam.call(inner, {"weight": w}, (x,), {}, strict=True, tie_weights=True)
+    with pytest.raises(TypeError, match="is not an instance of torch.Tensor"):
+        _reparam.call(inner, {"weight": 1.0}, (x,), {}, strict=False, tie_weights=True)
+    # a name the module does not have: as torch does (apply_with_policy refuses it earlier)
+    ours, theirs = _both(inner, {"wieght": w}, x, tie_weights=True)
+    assert torch.equal(ours, theirs) and torch.equal(ours, inner(x))
