@@ -19,6 +19,8 @@ from typing import IO, Any, Generic, NamedTuple, TypeVar
 import torch
 from tqdm import tqdm
 
+import polprec as pp
+
 T = TypeVar("T")
 
 Tree = dict[str, torch.Tensor]
@@ -61,6 +63,75 @@ def make_parser(
         help="no progress (a bar on a terminal, else a line on stderr every 30 s and per run)",
     )
     return parser
+
+
+def add_step_options(parser: argparse.ArgumentParser) -> None:
+    """``--accumulate K`` and ``--clip NORM``: the rest of the torch.amp GradScaler loop."""
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="K",
+        help="split each batch into K micro-batches: pp.value_and_grad(..., microbatches=K) "
+        "averages their gradients and adjusts the loss scale once (--batch-size must be a "
+        "multiple of K)",
+    )
+    parser.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="clip the unscaled gradients to this global norm before the optimizer step "
+        "(pp.clip_by_global_norm; default: no clipping)",
+    )
+
+
+def check_step_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--accumulate`` and ``--clip`` values the step cannot use (exits, as argparse)."""
+    if args.accumulate < 1:
+        parser.error(f"--accumulate must be >= 1, got {args.accumulate}")
+    if args.batch_size % args.accumulate:
+        parser.error(
+            f"--batch-size {args.batch_size} is not divisible by --accumulate "
+            f"{args.accumulate}: every micro-batch holds batch-size / K examples; use a batch "
+            f"size that is a multiple of {args.accumulate}"
+        )
+    if args.clip is not None and not (math.isfinite(args.clip) and args.clip > 0):
+        parser.error(f"--clip must be a finite number > 0, got {args.clip}")
+
+
+def clip(grads: Any, max_norm: float | None) -> tuple[Any, torch.Tensor | None]:
+    """``grads`` clipped to ``max_norm`` and their norm before it (``None``: left alone)."""
+    if max_norm is None:
+        return grads, None
+    return pp.clip_by_global_norm(grads, max_norm)
+
+
+def clipped_steps(norms: Sequence[torch.Tensor | None], max_norm: float | None) -> int:
+    """How many steps clipping shortened: finite norms above ``max_norm`` (read once)."""
+    if max_norm is None or not norms:
+        return 0
+    stacked = torch.stack([n for n in norms if n is not None])
+    return int((torch.isfinite(stacked) & (stacked > max_norm)).sum())
+
+
+def step_line(args: argparse.Namespace) -> str:
+    """What ``--accumulate`` and ``--clip`` did to each step, for a run's summary."""
+    k = args.accumulate
+    if k > 1:
+        line = (
+            f"Each step: {k} micro-batches of {args.batch_size // k} examples "
+            f"(pp.value_and_grad(..., microbatches={k}): gradients averaged, one loss-scale "
+            "adjustment, one optimizer step)"
+        )
+    else:
+        line = f"Each step: one batch of {args.batch_size} examples (--accumulate 1)"
+    if args.clip is None:
+        return line + "; no clipping (--clip)."
+    return (
+        f"{line}; unscaled gradients clipped to global norm {args.clip:g} "
+        "(pp.clip_by_global_norm): 'clipped' counts the steps it shortened."
+    )
 
 
 def precision_spec(args: argparse.Namespace) -> str:

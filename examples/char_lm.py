@@ -12,6 +12,11 @@ it; the report gives tokens per second and the final training and validation los
     python examples/char_lm.py --precision bf16-mixed
     python examples/char_lm.py --compare             # 32-true, bf16-mixed, bf16-true
     python examples/char_lm.py --optimizers --lr 3e-4 --steps 300 --d-model 64 --context 64
+    python examples/char_lm.py --precision 16-mixed --accumulate 4 --clip 1.0
+
+``--accumulate K`` splits every batch into ``K`` micro-batches (``pp.value_and_grad(...,
+microbatches=K)``, one optimizer step per batch) and ``--clip NORM`` clips the unscaled
+gradients to that global norm (``pp.clip_by_global_norm``) before the step, in every run.
 
 What to expect from ``--compare``: on a CPU with bfloat16 matrix units (Intel AMX, or
 AVX512-BF16) a bfloat16 matmul is several times faster than a float32 one and the bf16 policies
@@ -42,10 +47,15 @@ from typing import Any
 import torch
 from _common import (
     Progress,
+    add_step_options,
+    check_step_options,
+    clip,
+    clipped_steps,
     make_parser,
     median_ms,
     precision_spec,
     print_table,
+    step_line,
     threads,
 )
 from torch import nn
@@ -153,12 +163,13 @@ def train(
         logits = pp.apply_with_policy(model, params, tokens[:, :-1], policy=policy)
         return nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
 
-    grad_fn = pp.value_and_grad(loss_fn)
+    grad_fn = pp.value_and_grad(loss_fn, microbatches=args.accumulate)
 
     def step(params: Any, opt: Any, scale: pp.LossScale, tokens: torch.Tensor) -> Any:
         loss, grads, finite, scale = grad_fn(params, tokens, loss_scale=scale)
+        grads, norm = clip(grads, args.clip)  # --clip: the unscaled gradients' global norm
         params, opt = adamw.step(params, grads, opt, grads_finite=finite)
-        return params, opt, scale, loss
+        return params, opt, scale, loss, norm
 
     n_val = len(text) // 20
     train_text, val_text = text[:-n_val], text[-n_val:]
@@ -169,15 +180,16 @@ def train(
         starts = torch.randint(0, len(source) - span, (args.batch_size,), generator=gen)
         return torch.stack([source[s : s + span] for s in starts.tolist()])
 
-    losses, seconds = [], []
+    losses, norms, seconds = [], [], []
     desc = precision if optimizer == "default" else f"{precision}, {optimizer}"
     bar = Progress(range(args.steps), desc=desc, quiet=args.quiet)
     for i in bar:
         tokens = sample(train_text)
         start = time.perf_counter()
-        params, opt, scale, loss = step(params, opt, scale, tokens)
+        params, opt, scale, loss, norm = step(params, opt, scale, tokens)
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
+        norms.append(norm)
         if not args.quiet and i % 10 == 0:  # reading the loss syncs; only for the display
             bar.set_postfix(loss=f"{float(loss):.3f}")
     bar.close()
@@ -194,6 +206,8 @@ def train(
         "first loss": float(curve[:tail].mean()),
         "final loss": float(curve[-tail:].mean()),
         "val loss": float(val_loss),
+        "skipped": int(opt.skips),
+        "clipped": clipped_steps(norms, args.clip),
         "loss curve": curve,
     }
 
@@ -214,7 +228,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--text-bytes", type=int, default=1_000_000)
-    return parser.parse_args(argv)
+    add_step_options(parser)
+    args = parser.parse_args(argv)
+    check_step_options(parser, args)
+    return args
 
 
 COLUMNS = [
@@ -251,7 +268,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             (p, "default", {}) for p in (args.policies if args.compare else [precision_spec(args)])
         ]
     rows = [train(text, p, args, optimizer=name, options=options) for p, name, options in runs]
-    print_table(rows, COLUMNS)
+    print_table(rows, COLUMNS + [("clipped", "d")] * (args.clip is not None))
+    print(step_line(args))
     if args.optimizers:
         print()
         print("\n".join(optimizer_conclusions(rows)))

@@ -10,6 +10,14 @@ in the policy's param dtype (``pp.cast_params``) and the forward runs through
     python examples/train_digits.py --precision bf16-mixed
     python examples/train_digits.py --compare --plot digits.png
     python examples/train_digits.py --optimizers
+    python examples/train_digits.py --precision 16-mixed --accumulate 4 --clip 1.0
+
+``--accumulate K`` splits every batch into ``K`` micro-batches (``pp.value_and_grad(...,
+microbatches=K)``: one loss-scale adjustment and one optimizer step per batch, the
+``scaler.scale(loss / K).backward()`` loop of torch.amp) and ``--clip NORM`` clips the
+unscaled gradients to that global norm before the step (``pp.clip_by_global_norm``, torch's
+``clip_grad_norm_`` after ``scaler.unscale_``); both apply to every run, ``--compare`` and
+``--optimizers`` included, and the summary says how many steps clipping shortened.
 
 ``--compare`` trains float32 ("32-true"), "bf16-mixed", "16-mixed" with dynamic loss scaling,
 "bf16-true" and "16-mixed" without loss scaling on the same data from the same start, then
@@ -51,13 +59,18 @@ from _common import (
     Digits,
     Progress,
     accuracy,
+    add_step_options,
     batches,
+    check_step_options,
+    clip,
+    clipped_steps,
     load_digits,
     make_parser,
     median_ms,
     power_of_two,
     precision_spec,
     print_table,
+    step_line,
     threads,
 )
 from torch import nn
@@ -147,28 +160,30 @@ def train(
         logits = pp.apply_with_policy(model, params, x, policy=policy)
         return loss_weight * nn.functional.cross_entropy(logits, y)
 
-    grad_fn = pp.value_and_grad(loss_fn)
+    grad_fn = pp.value_and_grad(loss_fn, microbatches=args.accumulate)
 
     def step(params: Any, opt: Any, scale: pp.LossScale, x: torch.Tensor, y: torch.Tensor) -> Any:
         loss, grads, finite, scale = grad_fn(params, x, y, loss_scale=scale)
+        grads, norm = clip(grads, args.clip)  # --clip: the unscaled gradients' global norm
         params, opt = adam.step(params, grads, opt, grads_finite=finite)  # skipped if not finite
-        return params, opt, scale, loss, grads
+        return params, opt, scale, loss, grads, norm
 
     name = f"{precision}, {type(scale).__name__}" + (
         f", loss x{power_of_two(loss_weight)}" if loss_weight != 1 else ""
     )
     if optimizer != "default":
         name += f", {optimizer}"
-    losses, scales, seconds = [], [], []
+    losses, scales, norms, seconds = [], [], [], []
     plan = batches(len(data.y_train), args.batch_size, steps, args.seed)
     bar = Progress(plan, desc=name, quiet=args.quiet)
     for i, idx in enumerate(bar):
         x, y = data.x_train[idx], data.y_train[idx]
         start = time.perf_counter()
-        params, opt, scale, loss, grads = step(params, opt, scale, x, y)
+        params, opt, scale, loss, grads, norm = step(params, opt, scale, x, y)
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
         scales.append(scale.loss_scale)
+        norms.append(norm)
         if not args.quiet and i % 50 == 0:  # reading the loss syncs; only for the display
             bar.set_postfix(loss=f"{float(loss) / loss_weight:.3f}")
     bar.close()
@@ -188,6 +203,9 @@ def train(
         "final CE": float(loss_curve[-FINAL_WINDOW:].mean()),
         "step ms": median_ms(seconds),
         "skipped": int(opt.skips),  # the optimizer state counts the skipped steps
+        "accumulate": args.accumulate,
+        "clip": args.clip,
+        "clipped": clipped_steps(norms, args.clip),
         "final scale": float(scale.loss_scale),
         "param dtype": str(next(iter(params.values())).dtype).removeprefix("torch."),
         "moved": any(moved),
@@ -270,7 +288,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scale-period", type=int, default=100, help="DynamicLossScale growth period"
     )
-    return parser.parse_args(argv)
+    add_step_options(parser)
+    args = parser.parse_args(argv)
+    check_step_options(parser, args)
+    return args
 
 
 COLUMNS = [
@@ -283,6 +304,10 @@ COLUMNS = [
     ("skipped", "d"),
     ("final scale", power_of_two),
 ]
+
+
+#: The column --clip adds: the steps whose gradients it shortened.
+CLIPPED = [("clipped", "d")]
 
 
 OPTIMIZER_COLUMNS = [
@@ -500,7 +525,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [train(data, precision=p, loss_scale=s, loss_weight=w, args=args) for p, s, w in runs]
     if not args.compare:
         print(f"policy: {rows[0]['policy']}")
-    print_table(rows, COLUMNS)
+    print_table(rows, COLUMNS + CLIPPED * (args.clip is not None))
+    print(step_line(args))
     print()
     print("\n".join(legend(rows, args, len(data.y_test))))
     if args.compare:
@@ -529,7 +555,8 @@ def run_optimizers(data: Digits, args: argparse.Namespace) -> list[dict[str, Any
         )
         for precision, optimizer in OPTIMIZER_RUNS
     ]
-    print_table(rows, OPTIMIZER_COLUMNS)
+    print_table(rows, OPTIMIZER_COLUMNS + CLIPPED * (args.clip is not None))
+    print(step_line(args))
     print()
     print("\n".join(optimizer_legend(args, len(data.y_test))))
     print()

@@ -6,11 +6,16 @@ polprec therefore takes them only in plain eager mode, on plain tensors nobody i
 differentiating, and always on buffers it owns (fresh gradients or copies), so that its
 functions stay pure. Everywhere else it uses plain tensor ops, which ``vmap`` batches,
 ``torch.func.grad`` differentiates and inductor fuses. :func:`may_fuse` is that decision.
+
+GradScaler's private contract with torch's fused optimizers (``_step_supports_amp_scaling``,
+the ``found_inf`` and ``grad_scale`` attributes their ``step()`` reads) lives here too:
+:func:`skips_in_step` and :func:`step_skipping`, for ``polprec.optim.step_torch``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -240,3 +245,28 @@ def sgd_(
         is_first_step=False,
         found_inf=found_inf,
     )
+
+
+def skips_in_step(optimizer: Any) -> bool:
+    """Whether a torch optimizer's ``step()`` reads GradScaler's ``found_inf`` and skips inside
+    its kernels (torch's ``fused=True`` SGD, Adam, AdamW and Adagrad).
+
+    That is the flag ``GradScaler.step`` reads, and every param group must be fused too: a
+    group that is not would meet the attributes in a step that refuses them.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") is True for group in optimizer.param_groups
+    )
+
+
+def step_skipping(optimizer: Any, found_inf: torch.Tensor) -> Any:
+    """``optimizer.step()`` as ``GradScaler.step`` calls a fused optimizer: ``found_inf``
+    (float32, 1.0 to skip) set for the kernels, ``grad_scale=None`` (the gradients are
+    unscaled already), both attributes removed afterwards."""
+    optimizer.grad_scale = None
+    optimizer.found_inf = found_inf
+    try:
+        return optimizer.step()
+    finally:
+        del optimizer.grad_scale
+        del optimizer.found_inf

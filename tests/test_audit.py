@@ -5,7 +5,8 @@ and mismatched structures; each must raise the stated error (a ``TypeError`` or
 ``ValueError`` that names the bad value and the accepted ones; a ``RuntimeError`` only for
 a missing process group), never an ``AssertionError``, ``KeyError``, ``AttributeError`` or
 an error from deep inside torch. A public function without a table fails
-``test_every_public_callable_has_a_table``.
+``test_every_public_callable_has_a_table`` (polprec.optim's optimizers and states keep theirs
+in ``tests/test_optim_errors.py``, as ``TABLE_ELSEWHERE`` records).
 """
 
 from __future__ import annotations
@@ -126,6 +127,32 @@ def _class_rules_without_module() -> Any:
     model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     rules = pp.PolicyRules("bf16-true", {nn.LayerNorm: "32-true"})
     return rules.cast_params(dict(model.named_parameters()))
+
+
+def _step_torch(
+    make: Callable[..., Any] = lambda ps: torch.optim.AdamW(ps, fused=True),
+    *,
+    params: Callable[[dict[str, Any]], Any] = lambda named: named,
+    grads: Callable[[dict[str, Any]], Any] = lambda named: {
+        k: torch.zeros_like(v) for k, v in named.items()
+    },
+    finite: Any = True,
+) -> Callable[[], Any]:
+    """A call of ``pp.optim.step_torch`` on a fresh model and optimizer, with one part bad."""
+
+    def call() -> Any:
+        model = nn.Linear(3, 2)
+        named = dict(model.named_parameters())
+        optimizer = make(model.parameters())
+        return pp.optim.step_torch(optimizer, params(named), grads(named), grads_finite=finite)
+
+    return call
+
+
+def _with_found_inf(ps: Any) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(ps, fused=True)
+    optimizer.found_inf = torch.zeros(())  # type: ignore[attr-defined]
+    return optimizer
 
 
 # The tables below are laid out by hand, one case to a line or two.
@@ -758,6 +785,59 @@ BAD_INPUT: dict[str, list[Case]] = {
              lambda: pp.to_fsdp_mixed_precision("bf16-mixed", cast_forward_inputs="yes"),  # type: ignore[arg-type]
              TypeError, "cast_forward_inputs must be a bool, got 'yes'"),
     ],
+    # --- polprec.optim (the optimizers' own table is tests/test_optim_errors.py) ---------
+    "optim.step_torch": [
+        case("polprec-optimizer", _step_torch(lambda ps: pp.optim.adamw()), TypeError,
+             "optimizer must be a torch.optim.Optimizer, got Adam"),
+        *(
+            case(f"not-fused-{id}", _step_torch(make), ValueError, fragment,
+                 "cannot skip a step without a host sync", "Build it with fused=True")
+            for id, make, fragment in [
+                ("sgd", lambda ps: torch.optim.SGD(ps), "SGD(fused=None)"),
+                ("adamw-foreach", lambda ps: torch.optim.AdamW(ps, foreach=True),
+                 "AdamW(fused=None)"),
+                ("adam-false", lambda ps: torch.optim.Adam(ps, fused=False), "Adam(fused=False)"),
+                ("rmsprop", lambda ps: torch.optim.RMSprop(ps), "RMSprop(fused=None)"),
+                ("one-group",
+                 lambda ps: torch.optim.AdamW(
+                     [{"params": [next(ps)]}, {"params": list(ps), "fused": False}], fused=True),
+                 "AdamW(fused=[True, False] in its param groups)"),
+            ]
+        ),
+        case("sgd-dampening-first-step",
+             _step_torch(lambda ps: torch.optim.SGD(ps, momentum=0.9, dampening=0.5, fused=True)),
+             ValueError, "SGD(fused=True, momentum=0.9, dampening=0.5) cannot skip its first "
+             "step without a host sync"),
+        case("found_inf-set", _step_torch(_with_found_inf), ValueError,
+             "SGD already has a found_inf or grad_scale attribute"),
+        case("module-params", _step_torch(params=lambda named: nn.Linear(3, 2)), TypeError,
+             "got the module Linear itself; pass dict(model.named_parameters())"),
+        case("iterator-params", _step_torch(params=lambda named: iter(named.values())),
+             TypeError, "got a dict_valueiterator"),
+        case("detached-params",
+             _step_torch(params=lambda named: {k: v.detach() for k, v in named.items()}),
+             ValueError, "params has a tensor at weight that AdamW does not hold",
+             "not detached copies"),
+        case("missing-params",
+             _step_torch(params=lambda named: {"weight": named["weight"]},
+                         grads=lambda named: {"weight": None}),
+             ValueError, "params names 1 of the 2 parameters AdamW holds"),
+        case("grads-structure", _step_torch(grads=lambda named: [None, None]), ValueError,
+             "grads must have the structure of params"),
+        case("grad-float64",
+             _step_torch(grads=lambda named: {k: v.double() for k, v in named.items()}),
+             ValueError, "the gradient of weight is torch.float64 on cpu but the parameter is "
+             "torch.float32 on cpu"),
+        case("grad-int", _step_torch(grads=lambda named: {"weight": torch.zeros(2, 3).long(),
+                                                          "bias": None}),
+             TypeError, "the gradient of weight must be a floating tensor or None"),
+        case("grad-shape", _step_torch(grads=lambda named: {"weight": torch.zeros(3, 2),
+                                                            "bias": None}),
+             ValueError, "the gradient of weight has shape (3, 2), its parameter (2, 3)"),
+        case("grads_finite-str", _step_torch(finite="yes"), TypeError, GRADS_FINITE),
+        case("grads_finite-float", _step_torch(finite=torch.tensor(1.0)), ValueError,
+             "grads_finite must be a 0-dim torch.bool tensor, got dtype torch.float32"),
+    ],
     # --- polprec.testing -----------------------------------------------------------------
     "testing.assert_trees_all_close": [
         case("dtype-and-policy",
@@ -789,6 +869,12 @@ NO_TABLE = {
     "*LossScale.load_state_dict": "from_state_dict of the same class checks the dict",
     "*LossScale.to": "torch.device parses the device (torch's error lists the device types)",
 }
+# Public callables whose table lives in another file (fnmatch patterns), and where.
+TABLE_ELSEWHERE = {
+    "optim.[A-Z]*": "tests/test_optim_errors.py: the optimizers' settings, init, step, states",
+    "optim.adam*": "tests/test_optim_errors.py: OPTIONS",
+    "optim.sgd": "tests/test_optim_errors.py: OPTIONS",
+}
 
 
 def _takes_input(fn: Any, *, bound: bool) -> bool:
@@ -800,7 +886,7 @@ def _takes_input(fn: Any, *, bound: bool) -> bool:
 def _public_callables() -> set[str]:
     """Every public function, class and method that takes arguments, named as in BAD_INPUT."""
     names = {"value_and_grad()"}  # the step function value_and_grad returns
-    for prefix, module in (("", pp), ("testing.", testing)):
+    for prefix, module in (("", pp), ("optim.", pp.optim), ("testing.", testing)):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isfunction(obj) and _takes_input(obj, bound=True):
@@ -844,12 +930,13 @@ def test_bad_input_is_rejected_clearly(bad: Case) -> None:
 
 def test_every_public_callable_has_a_table() -> None:
     public = _public_callables()
-    exempt = {n for n in public if any(fnmatch(n, p) for p in NO_TABLE)}
+    exempt = {n for n in public if any(fnmatch(n, p) for p in NO_TABLE | TABLE_ELSEWHERE)}
     missing = sorted(public - exempt - set(BAD_INPUT))
     assert not missing, f"no bad-input cases for {missing}; add them to BAD_INPUT"
     assert sorted(set(BAD_INPUT) - public) == []  # every table names a public callable
     assert sorted(set(BAD_INPUT) & exempt) == []
-    assert all(any(fnmatch(n, p) for n in public) for p in NO_TABLE)  # no stale exemption
+    # no stale exemption
+    assert all(any(fnmatch(n, p) for n in public) for p in NO_TABLE | TABLE_ELSEWHERE)
     assert all(BAD_INPUT.values())
 
 

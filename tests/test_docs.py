@@ -207,6 +207,28 @@ def test_readme_and_docs_home_give_the_same_install_commands() -> None:
     assert index in found[cpu_torch]
 
 
+def test_the_gradscaler_recipe_states_its_true_line_counts() -> None:
+    # The torch.amp page ports the GradScaler loop and says how long each version is: the
+    # non-blank lines of the two blocks after the shared setup.
+    page = DOCS / "migration" / "torch-amp.md"
+    text = page.read_text("utf-8")
+    start = text.index("## From the GradScaler loop")
+    section = text[start : text.index("\n## ", start + 1)]
+    line = text.count("\n", 0, start) + 1
+    blocks = [b for b in ALL_BLOCKS[page] if line < b.line < line + section.count("\n")]
+    setup, amp, port = blocks[:3]
+    assert setup.code.startswith("# Shared by both loops")
+    assert "scaler.scale(loss / k).backward()" in amp.code and "torch.save" in amp.code
+    assert "microbatches=k" in port.code and "weights_only=True" in port.code
+    counts = [sum(1 for x in b.code.splitlines() if x.strip()) for b in (amp, port)]
+    stated = re.search(
+        r"the torch\.amp loop is \*\*(\d+) lines\*\* and the polprec port \*\*(\d+)\*\*",
+        " ".join(section.split()),
+    )
+    assert stated, "the section states both line counts"
+    assert [int(stated[1]), int(stated[2])] == counts
+
+
 def test_plot_on_the_loss_scaling_page_exists() -> None:
     page = (DOCS / "concepts" / "loss-scaling.md").read_text("utf-8")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)

@@ -210,6 +210,59 @@ def test_train_digits_auto_loss_scale_for_float16() -> None:
     assert row["final scale"] == 2.0**15
 
 
+def test_train_digits_accumulates_and_clips() -> None:
+    base = ["--quiet", "--steps", "20", "--hidden", "16", "--batch-size", "32"]
+    (plain,), plain_printed = run_main("train_digits", [*base, "--precision", "32-true"])
+    (row,), printed = run_main(
+        "train_digits", [*base, "--precision", "32-true", "--accumulate", "4", "--clip", "0.05"]
+    )
+    assert (row["accumulate"], row["clip"]) == (4, 0.05)
+    assert 0 < row["clipped"] <= 20  # most gradient norms are above 0.05
+    assert "| clipped |" in printed
+    assert "Each step: 4 micro-batches of 8 examples" in printed
+    assert "clipped to global norm 0.05" in printed
+    (accumulated,), _ = run_main(
+        "train_digits", [*base, "--precision", "32-true", "--accumulate", "4"]
+    )
+    # A mean loss: four micro-batches give the batch's gradients (up to float32 rounding).
+    torch.testing.assert_close(accumulated["loss curve"], plain["loss curve"], rtol=1e-4, atol=1e-5)
+    assert plain["clipped"] == 0 and "no clipping (--clip)" in plain_printed
+    (fp16,), printed = run_main(
+        "train_digits", [*base, "--precision", "16-mixed", "--accumulate", "2", "--clip", "1"]
+    )
+    assert fp16["loss scale"] == "Dynamic" and torch.isfinite(fp16["loss curve"]).all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--accumulate", "5"], "--batch-size 64 is not divisible by --accumulate 5"),
+        (["--accumulate", "0"], "--accumulate must be >= 1, got 0"),
+        (["--clip", "-1"], "--clip must be a finite number > 0, got -1.0"),
+    ],
+)
+def test_bad_step_options_are_refused_before_training(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("train_digits", "char_lm"):
+        with pytest.raises(SystemExit) as info:
+            run_main(name, [*argv, "--quiet", "--steps", "1"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        expected = message.replace("64", "16") if name == "char_lm" else message
+        assert expected in err, err
+
+
+def test_char_lm_accumulates_and_clips() -> None:
+    argv = ["--precision", "16-mixed", "--accumulate", "2", "--clip", "0.5", "--quiet"]
+    argv += ["--steps", "4", "--d-model", "32", "--layers", "1", "--heads", "2"]
+    argv += ["--context", "32", "--batch-size", "8", "--text-bytes", "40000"]
+    (row,), printed = run_main("char_lm", argv)
+    assert row["clipped"] == 4  # an untrained model's gradient norm is well above 0.5
+    assert math.isfinite(row["final loss"]) and row["skipped"] <= 1
+    assert "Each step: 2 micro-batches of 4 examples" in printed and "| clipped |" in printed
+
+
 @pytest.mark.slow
 def test_char_lm_loss_decreases_and_reports_speed() -> None:
     argv = ["--compare", "--policies", "32-true", "bf16-mixed", "--quiet", "--steps", "12"]

@@ -78,3 +78,28 @@ def test_cuda_step_and_skip_without_host_sync(name: str, precision: dict[str, An
     assert not torch.equal(good["w"], params["w"])
     assert (int(good_state.step), int(skipped_state.skips)) == (1, 1)
     assert good_state.step.device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_torch_skips_on_the_device(name: str) -> None:
+    # pp.optim.step_torch hands polprec's gradients and flag to a fused torch optimizer: no
+    # host sync, and the trajectory of the host-synced `if finite: optimizer.step()`.
+    make_torch = OPTIMIZERS[name][0]
+    params, grads = _problem(torch.float32)
+    ours = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    theirs = {k: torch.nn.Parameter(p.clone()) for k, p in params.items()}
+    ours_opt, theirs_opt = make_torch(ours.values()), make_torch(theirs.values())
+    flags = [False, True, True, False, True]  # a skipped first step, then both kinds
+    with no_host_sync():
+        for finite in flags:
+            flag = torch.tensor(finite, device=DEV)
+            pp.optim.step_torch(ours_opt, ours, grads, grads_finite=flag)
+    for finite in flags:
+        for k, p in theirs.items():
+            p.grad = grads[k].clone()
+        if finite:  # the host-synced reference (a zero first buffer, as step_torch makes)
+            theirs_opt.step()
+    for k in params:
+        assert torch.equal(ours[k], theirs[k]), k
+        for key, value in theirs_opt.state[theirs[k]].items():
+            assert torch.equal(ours_opt.state[ours[k]][key], value), (k, key)

@@ -31,6 +31,7 @@ def _inputs() -> dict[str, Any]:
         "y": torch.randn(5, 2),
         "state": pp.DynamicLossScale(64.0, period=2),
         "flag": torch.tensor(False),
+        "torch_grads": {k: torch.randn_like(v) for k, v in params.items()},
     }
 
 
@@ -81,6 +82,16 @@ def _calls(d: dict[str, Any]) -> list[tuple[str, Callable[[], Any], list[Any]]]:
             [p, x, y, d["state"]],
         ),
         ("clip_by_global_norm", lambda: pp.clip_by_global_norm(d["grads"], 0.1), [d["grads"]]),
+        (  # it updates the torch optimizer and the module's parameters by design; not these
+            "optim.step_torch",
+            lambda: pp.optim.step_torch(
+                torch.optim.AdamW(m.parameters(), fused=True),
+                dict(m.named_parameters()),
+                d["torch_grads"],
+                grads_finite=torch.tensor(True),
+            ),
+            [d["torch_grads"]],
+        ),
         ("state_dict", lambda: d["state"].state_dict(), [d["state"]]),
         ("full_precision", lambda: pp.full_precision()(lambda t: t.sum())(x), [x]),
         ("assert_trees_all_close", lambda: testing.assert_trees_all_close(p, p), [p]),

@@ -11,6 +11,9 @@ the update runs on torch's fused kernels with the skip folded in; under ``vmap``
 The precision options ``master_weights``, ``state_dtype``, ``rounding="stochastic"`` and
 ``kahan`` keep 16-bit parameters training like float32 ones.
 
+For a migration that keeps its ``torch.optim`` optimizer, :func:`step_torch` hands polprec's
+gradients and finite flag to a fused one, which skips inside its kernel without a host sync.
+
 Examples:
     >>> import torch
     >>> import polprec as pp
@@ -28,6 +31,7 @@ from polprec.optim._adam import Adam, adam, adamw
 from polprec.optim._base import Optimizer
 from polprec.optim._sgd import SGD, sgd
 from polprec.optim._states import AdamState, OptState, SGDState
+from polprec.optim._torch import step_torch
 
 __all__ = [
     "SGD",
@@ -39,4 +43,5 @@ __all__ = [
     "adam",
     "adamw",
     "sgd",
+    "step_torch",
 ]
