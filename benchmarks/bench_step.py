@@ -10,16 +10,19 @@ per step of
   with torch's default implementation;
 * ``torch.amp fused``: the same with ``fused=True`` (GradScaler then hands the kernel its
   ``found_inf`` instead of reading it on the host);
+* ``no scaler``: for policies without float16, the faster torch.amp step without a
+  GradScaler (what bf16 users run: bfloat16 needs no loss scaling);
 * ``polprec``: ``pp.value_and_grad`` + the ``pp.optim`` optimizer's pure step with
-  ``grads_finite``, eager;
+  ``grads_finite``, eager, with the loss scale ``pp.default_loss_scale`` picks
+  (``NoOpLossScale`` unless float16 is involved);
 * ``polprec donate``: the same step with ``donate=True`` (the fused kernels update the
   inputs' buffers instead of copies);
 * ``polprec compiled``: the pure step under ``torch.compile(fullgraph=True)``,
 
 all measured interleaved in one process, with the ratios to ``torch.amp`` and, for polprec's
-eager steps, to ``torch.amp fused``. Both mixed steps use dynamic loss scaling (GradScaler /
-DynamicLossScale). ``--precision 32-true`` compares the same steps in float32 (autocast off),
-which isolates per-step overhead. Run:
+steps, to the faster of ``torch.amp`` and ``torch.amp fused`` (the target) and to ``no
+scaler``. ``--precision 32-true`` compares the same steps in float32 (autocast off), which
+isolates per-step overhead. Run:
 ``python benchmarks/bench_step.py [--precision 16-mixed] [--optimizers adamw] [--no-compile]``.
 """
 
@@ -46,7 +49,15 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], Any]] = {
     ),
     "adamw": (lambda ps, **kw: torch.optim.AdamW(ps, lr=LR, **kw), pp.optim.adamw(LR)),
 }
-COLUMNS = ["fp32", "torch.amp", "torch.amp fused", "polprec", "polprec donate", "polprec compiled"]
+COLUMNS = [
+    "fp32",
+    "torch.amp",
+    "torch.amp fused",
+    "no scaler",
+    "polprec",
+    "polprec donate",
+    "polprec compiled",
+]
 
 
 def mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -89,7 +100,9 @@ def steps(
     loss_f = nn.functional.cross_entropy
     make_torch, opt = OPTIMIZERS[optimizer]
 
-    def torch_step(implementation: dict[str, Any], amp: bool) -> Callable[[], None]:
+    def torch_step(
+        implementation: dict[str, Any], amp: bool, scaler_on: bool = True
+    ) -> Callable[[], None]:
         """A torch.amp step (or, without ``amp``, a plain float32 one) on its own model copy."""
         net = copy.deepcopy(model)
         torch_opt = make_torch(net.parameters(), **implementation)
@@ -101,7 +114,7 @@ def steps(
             torch_opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type, dtype=half, enabled=amp and policy.is_mixed):
                 loss = loss_f(net(x), y)
-            if not amp:
+            if not amp or not scaler_on:
                 loss.backward()
                 torch_opt.step()
                 return
@@ -125,7 +138,8 @@ def steps(
         params = pp.cast_params(
             {k: v.detach().clone() for k, v in model.named_parameters()}, policy
         )
-        box = [params, opt.init(params), pp.DynamicLossScale(2.0**10).to(device)]
+        scale = pp.DynamicLossScale(2.0**10) if policy.uses_float16 else pp.NoOpLossScale()
+        box = [params, opt.init(params), scale.to(device)]
 
         def run() -> None:
             box[:] = fn(*box, donate)
@@ -139,6 +153,8 @@ def steps(
         "polprec": run_pp(pp_step),
         "polprec donate": run_pp(pp_step, donate=True),
     }
+    if not policy.uses_float16:
+        candidates["no scaler"] = torch_step({"fused": True}, amp=True, scaler_on=False)
     if compile_:
         compiled = torch.compile(pp_step, fullgraph=True)
         candidates["polprec compiled"] = run_pp(compiled)
@@ -172,20 +188,30 @@ def main(argv: list[str] | None = None) -> None:
                 model, batch = {"mlp": mlp, "transformer": transformer}[model_name]()
                 cands = steps(model, batch, spec, optimizer, not args.no_compile, args.device)
                 times = measure(cands, repeats=args.repeats, warmup=3)
-                amp, fused = times["torch.amp"], times["torch.amp fused"]
+                amp = times["torch.amp"]
+                best = min(amp, times["torch.amp fused"])
                 row = [model_name, spec, optimizer]
                 row += [
                     f"{times[k] * 1e3:.2f} ({times[k] / amp:.2f}x)" if k in times else "-"
                     for k in COLUMNS
                 ]
-                row += [f"{times[k] / fused:.2f}x" for k in ("polprec", "polprec donate")]
+                row += [
+                    f"{times[k] / best:.2f}x" if k in times else "-"
+                    for k in ("polprec", "polprec donate", "polprec compiled")
+                ]
+                bare = times.get("no scaler")
+                row += [f"{times['polprec'] / bare:.2f}x" if bare else "-"]
                 rows.append(row)
                 print(row, flush=True)
     print(header())
     if torch.device(args.device).type == "cuda":
         print(f"device {torch.cuda.get_device_name()}")
-    print("median ms per step (ratio to torch.amp); the last two: polprec eager / torch.amp fused")
-    head = ["model", "precision", "optimizer", *COLUMNS, "polprec/fused", "donate/fused"]
+    print(
+        "median ms per step (ratio to torch.amp); then polprec eager, donated and compiled over "
+        "the faster torch.amp step (default or fused=True), and polprec eager over no scaler"
+    )
+    head = ["model", "precision", "optimizer", *COLUMNS, "eager/best", "donate/best"]
+    head += ["compiled/best", "eager/no scaler"]
     print(table(rows, head))
 
 

@@ -54,9 +54,6 @@ class NullContext:
         return None
 
 
-NULL = NullContext()  # stateless: one serves every `with`
-
-
 def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
     """What makes autocast's casts hold inside ``torch.func`` transforms.
 
@@ -67,7 +64,7 @@ def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
     """
     if mixed and _fused.transforms_active():
         return AutocastMode(device)
-    return NULL
+    return NullContext()  # a fresh one: Dynamo enters only context managers made in the graph
 
 
 def params_for_compute(policy: Policy, tree: Any) -> Any:

@@ -51,7 +51,7 @@ def autocast(
             f"{type(device_type).__name__}"
         )
     if policy.compute_dtype not in HALF_DTYPES:
-        return _context.NULL
+        return _context.NullContext()
     if _fused.transforms_active():
         return _TransformAutocast(device_type, policy.compute_dtype)
     return torch.autocast(device_type, dtype=policy.compute_dtype)

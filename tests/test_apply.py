@@ -298,3 +298,27 @@ def test_bfloat16_params_halve_parameter_and_gradient_bytes(block: Block) -> Non
     )
     assert nbytes(half) * 2 == nbytes(full)
     assert nbytes(g_half) * 2 == nbytes(g_full)
+
+
+@pytest.mark.slow
+def test_a_full_precision_step_compiles_in_one_graph() -> None:
+    # No autocast, no transforms: the do-nothing context managers must be traceable too.
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
+    policy = pp.get_policy("32-true")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    opt = pp.optim.sgd(0.1, momentum=0.9)
+
+    def loss_fn(p: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with pp.autocast(policy, "cpu"):  # a no-op for float32 compute
+            return nn.functional.cross_entropy(pp.apply_with_policy(model, p, x, policy=policy), y)
+
+    step_grad = pp.value_and_grad(loss_fn)
+
+    def step(p: Any, s: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        loss, grads, finite, _ = step_grad(p, x, y, loss_scale=pp.NoOpLossScale())
+        return (*opt.step(p, grads, s, grads_finite=finite), loss)
+
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    got = torch.compile(step, fullgraph=True)(params, opt.init(params), x, y)
+    want = step(params, opt.init(params), x, y)
+    assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
