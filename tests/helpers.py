@@ -102,3 +102,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def seeded_mlp(d_in: int, hidden: int, classes: int) -> nn.Module:
+    """``Linear -> GELU -> Linear``, the same weights every call (the global RNG untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, classes))
+
+
+def classification_batches(
+    steps: int,
+    batch: int,
+    d_in: int,
+    classes: int,
+    overflow_at: tuple[int, ...],
+    *,
+    bad: tuple[int, int],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` seeded ``(x, y)`` batches; at ``overflow_at`` an inf at ``x[bad]``."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(steps):
+        x = torch.randn(batch, d_in, generator=g)
+        if i in overflow_at:
+            x[bad] = float("inf")  # one bad example: every gradient is non-finite
+        out.append((x, torch.randint(0, classes, (batch,), generator=g)))
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 import optree
 import pytest
 import torch
+from helpers import classification_batches, seeded_mlp
 from torch import nn
 
 import polprec as pp
@@ -77,20 +78,11 @@ SETUPS = {
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
+    return seeded_mlp(8, 32, 4)
 
 
 def _batches(overflow_at: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for i in range(N):
-        x = torch.randn(BATCH, 8, generator=g)
-        if i in overflow_at:
-            x[3, 1] = float("inf")  # one bad example: every gradient becomes non-finite
-        out.append((x, torch.randint(0, 4, (BATCH,), generator=g)))
-    return out
+    return classification_batches(N, BATCH, 8, 4, overflow_at, bad=(3, 1))
 
 
 class Run:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import classification_batches, seeded_mlp
 from torch import nn
 
 import polprec as pp
@@ -18,20 +19,11 @@ SCALE = 2.0**10
 
 
 def _model() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+    return seeded_mlp(6, 16, 3)
 
 
 def _batches(overflow_at: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for i in range(STEPS):
-        x = torch.randn(8, 6, generator=g)
-        if i in overflow_at:
-            x[0, 0] = float("inf")
-        out.append((x, torch.randint(0, 3, (8,), generator=g)))
-    return out
+    return classification_batches(STEPS, 8, 6, 3, overflow_at, bad=(0, 0))
 
 
 def _grad_scaler_run(
