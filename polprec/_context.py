@@ -138,32 +138,6 @@ def parameter_names(module: nn.Module, keys: Any) -> frozenset[str]:
     return cached[1]
 
 
-def untie(params: dict[str, Any], own: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """``params`` with a value for every name tied to a given one: ``functional_call``'s ties.
-
-    ``functional_call(..., tie_weights=True)`` gives all names of a tied tensor (an embedding
-    and the output layer that shares it) the value passed for one of them; doing it here lets
-    each name get its own cast afterwards (each module computes in its own dtype). Several
-    different values for one tied tensor are refused, as ``functional_call`` refuses them.
-    """
-    by_tensor: dict[int, list[str]] = {}
-    for name, tensor in own.items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-    out = dict(params)
-    for names in by_tensor.values():
-        given = [n for n in names if n in params]
-        if len(names) < 2 or not given:
-            continue
-        if any(params[n] is not params[given[0]] for n in given[1:]):
-            raise ValueError(
-                f"params_and_buffers has different values for keys {sorted(given)}, which are "
-                "tied (one tensor of the module); pass one of them, the same tensor under each "
-                "name, or tie_weights=False"
-            )
-        out.update(dict.fromkeys(names, params[given[0]]))
-    return out
-
-
 def check_names(module: nn.Module, params_and_buffers: Any) -> None:
     """Refuse names that are no parameter or buffer of ``module``.
 

@@ -85,7 +85,7 @@ def apply_rules(
     args, kwargs = _context.cast_inputs(root, args, kwargs, keep)
     device_type = _context.device_type(params_and_buffers, args, kwargs)
     if tie_weights:
-        params_and_buffers = _context.untie(params_and_buffers, _reparam.own_tensors(module))
+        params_and_buffers = dict(_reparam.untie(module, params_and_buffers))
     casts = _tree.TensorMemo()  # tensor -> {policy: its cast}: tied names share casts
 
     def for_compute(name: str, x: Any) -> Any:

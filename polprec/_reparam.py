@@ -27,7 +27,7 @@ from torch import nn
 
 from polprec import _fused
 
-__all__ = ["call", "own_tensors"]
+__all__ = ["call", "own_tensors", "untie"]
 
 _MISSING = object()
 
@@ -61,9 +61,8 @@ def _lay_out(module: nn.Module) -> _Layout:
     stack: list[tuple[str, nn.Module]] = [("", module)]
     while stack:
         prefix, mod = stack.pop()
-        if id(mod) in seen:
+        if id(mod) in seen:  # recorded under this path too, as remove_duplicate=False does
             shared = True
-            continue
         seen.add(id(mod))
         for table in (mod._parameters, mod._buffers):  # noqa: SLF001
             for key, tensor in table.items():
@@ -101,8 +100,25 @@ def own_tensors(module: nn.Module) -> dict[str, Any]:
     return _layout(module).tensors
 
 
-def _untied(params: Mapping[str, Any], tied: dict[str, tuple[str, ...]]) -> Mapping[str, Any]:
-    """``params`` with a value for every name tied to a given one (``tie_weights=True``)."""
+def _tied(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """name -> every name of the same tensor, for ``module``'s tensors under several names."""
+    if not _fused.tracing():
+        return _layout(module).tied
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in own_tensors(module).items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return {n: tuple(names) for names in by_tensor.values() if len(names) > 1 for n in names}
+
+
+def untie(module: nn.Module, params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` with a value for every name tied to a given one: ``functional_call``'s ties.
+
+    ``functional_call(..., tie_weights=True)`` gives all names of a tied tensor (an embedding
+    and the output layer that shares it) the value passed for one of them; doing it before the
+    call lets each name get its own cast (each island computes in its own dtype). Different
+    values for one tied tensor are refused, as ``functional_call`` refuses them.
+    """
+    tied = _tied(module)
     if not any(name in tied for name in params):
         return params
     out = dict(params)
@@ -141,7 +157,7 @@ def call(
             module, dict(params), args, kwargs, strict=strict, tie_weights=tie_weights
         )
     if tie_weights and layout.tied:
-        params = _untied(params, layout.tied)
+        params = untie(module, params)
     saved: list[tuple[dict[str, Any], str, Any]] = []
     try:
         for name, value in params.items():

@@ -120,3 +120,12 @@ def test_layouts_it_does_not_handle_go_to_functional_call() -> None:
     # a name the module does not have: as torch does (apply_with_policy refuses it earlier)
     ours, theirs = _both(inner, {"wieght": w}, x, tie_weights=True)
     assert torch.equal(ours, theirs) and torch.equal(ours, inner(x))
+
+
+def test_own_tensors_name_a_shared_submodule_under_every_path() -> None:
+    inner = nn.Linear(2, 2)
+    model = nn.Sequential(inner, inner)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    assert _reparam.own_tensors(model) == expected  # as named_parameters(remove_duplicate=False)
+    tied = _reparam.untie(model, {"0.weight": torch.eye(2)})
+    assert set(tied) == {"0.weight", "1.weight"} and tied["1.weight"] is tied["0.weight"]
