@@ -13,8 +13,15 @@ eager mode whenever the tensors passed differ from the module's own:
   raise :data:`MESSAGE` at once. (Where hooks are already active around the call, an outer
   ``checkpoint`` or ``save_on_cpu``, they cannot be disabled, and the check is skipped.)
 * the reentrant checkpoint leaves a ``CheckpointFunctionBackward`` node in the graph of the
-  outputs, which :meth:`Guard.check` looks for (``torch.autograd.grad`` runs that node too,
-  so the walk is needed under :func:`polprec.value_and_grad` as well).
+  outputs, which :meth:`Guard.check` looks for.
+
+The walk costs about as much per graph node as an op's dispatch, so under
+:func:`polprec.value_and_grad`'s eager path it is deferred (:class:`Deferred`) to after the
+backward pass, and made only where the checkpoint could have gone unnoticed. There
+``torch.autograd.grad`` raises by itself when it meets a reentrant checkpoint on the way to a
+parameter; one it does not meet leaves the parameters inside it without a gradient. So the walk
+runs when a gradient came back ``None``, when an input of the loss function requires grad, or
+when the backward pass raised.
 
 Under ``torch.func`` transforms torch refuses checkpointing itself, and under ``torch.compile``
 the parameters are inputs of the traced graph, so neither is checked here.
@@ -23,7 +30,8 @@ the parameters are inputs of the traced graph, so neither is checked here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +39,7 @@ from torch import nn
 
 from polprec import _context, _fused, _reparam, _tree
 
-__all__ = ["MESSAGE", "Guard", "call"]
+__all__ = ["MESSAGE", "Deferred", "Guard", "call"]
 
 MESSAGE = (
     "apply_with_policy cannot run a module that uses gradient checkpointing "
@@ -109,11 +117,58 @@ class Guard:
         """Raise :data:`MESSAGE` if ``out`` was computed through a reentrant checkpoint."""
         if not self.active:
             return
+        if _DEFERRALS.stack:  # value_and_grad walks the whole graph after its backward pass
+            _DEFERRALS.stack[-1].substituted = True
+            return
         outputs = [x for x in _tensors(out) if x.requires_grad]
         if not outputs:
             return
         stop = {x.grad_fn for x in _tensors(self._inputs) if x.grad_fn is not None}
         if _has_reentrant_checkpoint(outputs, stop):
+            raise RuntimeError(MESSAGE)
+
+
+class _Deferrals(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[Deferred] = []
+
+
+_DEFERRALS = _Deferrals()
+
+
+class Deferred:
+    """Around a loss function and its backward pass: :meth:`Guard.check` is left to :meth:`settle`.
+
+    ``substituted`` records whether a guarded call with substituted tensors ran inside.
+    """
+
+    def __init__(self) -> None:
+        self.substituted = False
+
+    def __enter__(self) -> Deferred:
+        _DEFERRALS.stack.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _DEFERRALS.stack.pop()
+
+    def settle(
+        self,
+        loss: torch.Tensor,
+        grads: Sequence[torch.Tensor | None] | None,
+        inputs: Any,
+    ) -> None:
+        """Raise :data:`MESSAGE` if the graph of ``loss`` holds a reentrant checkpoint that
+        could have given wrong gradients (``grads=None``: the backward pass raised)."""
+        if not self.substituted:
+            return
+        if (
+            grads is not None
+            and all(g is not None for g in grads)
+            and not any(x.requires_grad for x in _tensors(inputs))
+        ):
+            return  # any reentrant checkpoint was on the way to a parameter: torch refused it
+        if loss.grad_fn is not None and _has_reentrant_checkpoint([loss], set()):
             raise RuntimeError(MESSAGE)
 
 

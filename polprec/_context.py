@@ -37,13 +37,6 @@ def autocast_off(device: str) -> torch.autocast:
     return torch.autocast(device, enabled=False)
 
 
-def policy_context(policy: Policy, device: str) -> torch.autocast:
-    """The autocast state a module runs in under ``policy``: on for mixed policies, else off."""
-    if policy.is_mixed:
-        return torch.autocast(device, dtype=policy.compute_dtype)
-    return autocast_off(device)
-
-
 class NullContext:
     """A do-nothing context manager (traceable by torch.compile)."""
 
@@ -52,6 +45,15 @@ class NullContext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def policy_context(policy: Policy, device: str) -> torch.autocast | NullContext:
+    """The autocast state a module runs in under ``policy``: on for mixed policies, else off."""
+    if policy.is_mixed:
+        return torch.autocast(device, dtype=policy.compute_dtype)
+    if not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device):
+        return NullContext()  # off already: entering and leaving autocast costs a few us
+    return autocast_off(device)
 
 
 def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from polprec import _fused, _grad_checks, _tree
+from polprec import _checkpointing, _fused, _grad_checks, _tree
 from polprec._checks import check_int
 from polprec.distributed import all_finite_across, check_process_group
 from polprec.loss_scale import LossScale, NoOpLossScale
@@ -216,9 +216,14 @@ def _scaled_grads(
 
     if not _fused.tracing():
         inputs = [x.detach().requires_grad_() for x in diff]
-        with torch.enable_grad():
+        with torch.enable_grad(), _checkpointing.Deferred() as guard:
             loss, aux = _grad_checks.split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
-            got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
+            try:
+                got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
+            except RuntimeError:
+                guard.settle(loss, None, (args, kwargs))
+                raise
+        guard.settle(loss, got, (args, kwargs))
         dgrads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
         if has_aux:
             aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)

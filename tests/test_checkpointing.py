@@ -120,3 +120,48 @@ def test_saved_tensor_hooks_around_the_call_still_work() -> None:
     )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+class _Upstream(nn.Module):
+    """A parameter before the reentrant checkpoint, so its input requires grad only through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.rest = Checkpointed(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.first(x))
+
+
+def test_value_and_grad_names_a_reentrant_checkpoint_torch_meets_on_the_way() -> None:
+    # torch.autograd.grad raises its own error at the checkpoint; polprec's names the cause.
+    torch.manual_seed(0)
+    model = _Upstream()
+    step = pp.value_and_grad(lambda p, x: pp.apply_with_policy(model, p, x, policy="32-true"))
+    with pytest.raises(RuntimeError, match="gradient_checkpointing_disable"):
+        step(_shifted(model), torch.randn(3, 4), loss_scale=pp.NoOpLossScale())
+
+
+def test_value_and_grad_walks_the_graph_only_where_a_checkpoint_could_hide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polprec import _checkpointing
+
+    walks: list[int] = []
+    walk = _checkpointing._has_reentrant_checkpoint
+    monkeypatch.setattr(
+        _checkpointing, "_has_reentrant_checkpoint", lambda *a: walks.append(1) or walk(*a)
+    )
+    torch.manual_seed(0)
+    model = Checkpointed(None)
+    step = pp.value_and_grad(lambda p, x: pp.apply_with_policy(model, p, x, policy="32-true"))
+    # every parameter gets a gradient and no input requires grad: no walk
+    _, grads, *_ = step(_shifted(model), torch.randn(3, 4), loss_scale=pp.NoOpLossScale())
+    assert walks == [] and all(torch.count_nonzero(g) for g in grads.values())
+    # an input that requires grad could feed a checkpoint torch's backward never meets: a walk
+    step(_shifted(model), torch.randn(3, 4, requires_grad=True), loss_scale=pp.NoOpLossScale())
+    assert walks == [1]
+    # outside value_and_grad, apply_with_policy walks every time
+    pp.apply_with_policy(model, _shifted(model), torch.randn(3, 4), policy="32-true")
+    assert walks == [1, 1]

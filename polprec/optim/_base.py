@@ -14,6 +14,7 @@ import torch
 
 from polprec import _fused, _tree
 from polprec._checks import check_grads_finite, check_int, check_number
+from polprec.optim import _fast
 from polprec.optim._leaves import check_lr, check_state, leaves, state_leaves
 from polprec.optim._modes import Mode, check_bool, check_precision, leaf_mode
 from polprec.optim._states import OptState
@@ -170,6 +171,9 @@ class Optimizer:
         _tree.check_tree(grads, "grads")
         lr_value = self.lr if lr is None else check_lr(lr)
         finite = None if grads_finite is None else check_grads_finite(grads_finite)
+        short = _fast.step(self, params, grads, state, finite, lr_value, donate)
+        if short is not None:
+            return short
         lv = leaves(params, grads)
         names = self._slots()
         slots, master, comp = state_leaves(self, state, names, lv, params)
