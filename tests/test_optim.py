@@ -443,6 +443,23 @@ def test_compiled_whole_step_does_not_recompile_for_lr_or_loss_scale() -> None:
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_compiled_bias_corrections_are_the_eager_ones_bit_for_bit() -> None:
+    # Under compile they are computed once per step, in a kernel of their own (see _once):
+    # the values must be the eager float64 ones, for a float and a tensor lr.
+    opt = pp.optim.adam(3e-3, betas=(0.8, 0.95))
+
+    def scalars(step: torch.Tensor, lr: Any) -> Any:
+        return opt._scalars(step, lr)[:2]
+
+    compiled = torch.compile(scalars, fullgraph=True)
+    for t in (1, 2, 7, 1000):
+        step = torch.tensor(t, dtype=torch.int32)
+        for lr in (3e-3, torch.tensor(3e-3)):
+            for a, b in zip(compiled(step, lr), scalars(step, lr), strict=True):
+                assert a.dtype == b.dtype == torch.float64 and torch.equal(a, b), (t, lr)
+
+
 # --- states ----------------------------------------------------------------------------------
 
 
