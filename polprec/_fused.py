@@ -57,6 +57,13 @@ def owned(tensors: Sequence[torch.Tensor]) -> bool:
     return len(ptrs) == len(tensors)
 
 
+def copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fresh contiguous copies of ``tensors``: one multi-tensor launch where they are contiguous."""
+    if all(t.is_contiguous() for t in tensors):
+        return list(torch._foreach_clone(list(tensors)))  # noqa: SLF001
+    return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
 def scaled(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``x * factor`` in ``x``'s dtype for a 0-dim float32 ``factor``, in plain ops.
 

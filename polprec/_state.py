@@ -113,6 +113,11 @@ class State:
 
     def _replace(self: _S, **children: Any) -> _S:
         """A copy with some children replaced (unvalidated, like a pytree rebuild)."""
+        if not torch.compiler.is_compiling():  # in short: the attributes, copied
+            new = object.__new__(type(self))
+            new.__dict__.update(self.__dict__)
+            new.__dict__.update(children)
+            return new
         leaves, static = _flatten(self)
         names = _layout(type(self))[0]
         values = dict(zip(names, leaves, strict=True))

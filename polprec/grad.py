@@ -117,7 +117,10 @@ def value_and_grad(
     ) -> tuple[Any, Any, torch.Tensor, LossScale]:
         loss_scale = _grad_checks.check_loss_scale_arg(loss_scale, args)
         leaves, unflatten = _flatten(params)
-        idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
+        if type(params) is dict and all(x.is_floating_point() for x in leaves):
+            idx = list(range(len(leaves)))  # (_flatten took a dict apart only if all are tensors)
+        else:
+            idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff, slot = _distinct([leaves[i] for i in idx])
         _grad_checks.check_params(params, leaves, diff)
         simple = len(idx) == len(leaves) and len(diff) == len(leaves)  # every leaf differentiated

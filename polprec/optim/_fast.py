@@ -23,38 +23,34 @@ __all__ = ["step"]
 def _lined_up(
     opt: Any, params: dict[Any, Any], grads: dict[Any, Any], trees: list[Any]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]] | None:
-    """Parameters, gradients and moments in the order of ``params``, if all fit the short way."""
-    ps: list[torch.Tensor] = []
-    gs: list[torch.Tensor] = []
-    slots: list[list[torch.Tensor]] = [[] for _ in trees]
-    dtype = device = None
-    for key, p in params.items():
-        g = grads.get(key)
-        if not isinstance(p, torch.Tensor) or not isinstance(g, torch.Tensor):
-            return None  # a None gradient, a leaf that is no tensor
-        if dtype is None:
-            dtype, device = p.dtype, p.device
-            if (
-                not dtype.is_floating_point
-                or device.type not in _fused.OPTIM_DEVICES
-                or not opt._mode(dtype).direct  # noqa: SLF001
-            ):
-                return None
-        if (
-            p.dtype != dtype
-            or p.device != device
-            or g.dtype != dtype
-            or g.shape != p.shape
-            or not g.is_contiguous()
-        ):
-            return None
-        for column, tree in zip(slots, trees, strict=True):
-            s = tree.get(key)
-            if type(s) is not torch.Tensor or s.dtype != dtype or s.shape != p.shape:
-                return None
-            column.append(s)
-        ps.append(p)
-        gs.append(g)
+    """Parameters, gradients and moments in the order of ``params``, if all fit the short way.
+
+    Checked list by list rather than leaf by leaf: for a model with many small tensors the
+    checks would otherwise cost more than the update.
+    """
+    ps = list(params.values())
+    try:
+        gs = [grads[k] for k in params]
+        slots = [[tree[k] for k in params] for tree in trees]
+    except KeyError:
+        return None
+    every = ps + gs + [s for column in slots for s in column]
+    if not all(isinstance(t, torch.Tensor) for t in every):
+        return None  # a None gradient, a leaf that is no tensor
+    first = ps[0]
+    dtype, device = first.dtype, first.device
+    if (
+        not dtype.is_floating_point
+        or device.type not in _fused.OPTIM_DEVICES
+        or not opt._mode(dtype).direct  # noqa: SLF001
+        or any(t.dtype is not dtype for t in every)
+        or any(t.device != device for t in every)
+        or not all(g.is_contiguous() for g in gs)
+    ):
+        return None
+    shapes = [p.shape for p in ps]
+    if any([t.shape for t in column] != shapes for column in (gs, *slots)):
+        return None
     return ps, gs, slots
 
 
@@ -102,8 +98,8 @@ def step(
         work = [p if p.is_contiguous() else p.contiguous() for p in ps]
         work_slots = [[s if s.is_contiguous() else s.contiguous() for s in c] for c in slots]
     else:
-        work = [p.clone(memory_format=torch.contiguous_format) for p in ps]
-        work_slots = [[s.clone(memory_format=torch.contiguous_format) for s in c] for c in slots]
+        work = _fused.copies(ps)
+        work_slots = [_fused.copies(c) for c in slots]
     opt._kernel(Buffers(work, gs, work_slots, count, lr, found_inf))  # noqa: SLF001
     keys = list(params)
     new_params = dict(zip(keys, work, strict=True))

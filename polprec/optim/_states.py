@@ -60,12 +60,7 @@ class OptState(State):
 
     def replace(self: _S, **children: Any) -> _S:
         """A copy with some children replaced (unchecked, like a pytree rebuild)."""
-        if torch.compiler.is_compiling():
-            return self._replace(**children)
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(children)
-        return new
+        return self._replace(**children)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from polprec import _fused
 from polprec.optim._modes import Mode
 from polprec.optim._rounding import kahan_split, leaf_key, random_bits, round_to
 
@@ -167,7 +168,7 @@ def _buffers(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
     """Buffers for a kernel to update in place: copies, or (donated) the tensors themselves."""
     if donate:
         return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-    return [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+    return _fused.copies(tensors)
 
 
 def fused(
