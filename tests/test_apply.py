@@ -322,3 +322,19 @@ def test_a_full_precision_step_compiles_in_one_graph() -> None:
     got = torch.compile(step, fullgraph=True)(params, opt.init(params), x, y)
     want = step(params, opt.init(params), x, y)
     assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["32-true", "bf16-true", "64-true"])
+def test_a_policy_without_autocast_switches_off_an_enclosing_one(policy: str) -> None:
+    # Inside a user's torch.autocast region the policy's dtypes still decide: autocast is
+    # switched off for the call (and entered not at all when it is off already).
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    params = pp.cast_params(dict(lin.named_parameters()), policy)
+    x = torch.randn(3, 8)
+    plain = pp.apply_with_policy(lin, params, x, policy=policy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = pp.apply_with_policy(lin, params, x, policy=policy)
+        assert torch.is_autocast_enabled("cpu")  # restored after the call
+    assert inside.dtype == plain.dtype == pp.get_policy(policy).output_dtype
+    assert torch.equal(inside, plain)

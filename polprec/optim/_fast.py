@@ -66,6 +66,8 @@ def step(
     """``opt.step(...)``'s result the short way, or ``None`` where it does not apply."""
     if type(params) is not dict or type(grads) is not dict or len(grads) != len(params):
         return None
+    if _fused.tracing():  # the plain path; its checks need not be traced twice
+        return None
     if not params or state.master is not None or state.compensation is not None:
         return None
     if not opt._fusable():  # noqa: SLF001
