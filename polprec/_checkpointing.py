@@ -88,6 +88,11 @@ def _has_reentrant_checkpoint(outputs: list[torch.Tensor], stop: set[Any]) -> bo
 def _tensors(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
+    if type(tree) is tuple and len(tree) == 2 and type(tree[1]) is dict:  # (args, kwargs)
+        args, kwargs = tree
+        flat = [*args, *kwargs.values()] if type(args) is tuple else None
+        if flat is not None and all(type(x) is torch.Tensor for x in flat):
+            return flat  # plain tensors, as a step passes them: no tree walk
     return [x for x in _tree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 

@@ -162,6 +162,13 @@ def test_value_and_grad_walks_the_graph_only_where_a_checkpoint_could_hide(
     # an input that requires grad could feed a checkpoint torch's backward never meets: a walk
     step(_shifted(model), torch.randn(3, 4, requires_grad=True), loss_scale=pp.NoOpLossScale())
     assert walks == [1]
+    step(_shifted(model), x=torch.randn(3, 4, requires_grad=True), loss_scale=pp.NoOpLossScale())
+    assert walks == [1, 1]  # as a keyword too
+    nested = pp.value_and_grad(
+        lambda p, xs: pp.apply_with_policy(model, p, xs[0], policy="32-true")
+    )
+    nested(_shifted(model), (torch.randn(3, 4, requires_grad=True),), loss_scale=pp.NoOpLossScale())
+    assert walks == [1, 1, 1]  # found inside a nested argument
     # outside value_and_grad, apply_with_policy walks every time
     pp.apply_with_policy(model, _shifted(model), torch.randn(3, 4), policy="32-true")
-    assert walks == [1, 1]
+    assert walks == [1, 1, 1, 1]
