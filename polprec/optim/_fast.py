@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from polprec import _fused
-from polprec.optim._update import Buffers
+from polprec.optim._update import Buffers, counters
 
 __all__ = ["step"]
 
@@ -86,16 +86,8 @@ def step(
     device = ps[0].device
     if isinstance(lr, torch.Tensor) and (lr.device != device or lr.dtype != torch.float32):
         lr = lr.to(device, torch.float32)
-    if finite is None:
-        count, skips = state.step + 1, state.skips
-        consecutive, found_inf = torch.zeros_like(state.consecutive_skips), None
-    else:
-        if finite.device != state.step.device:
-            finite = finite.to(state.step.device)
-        skipped = torch.logical_not(finite)
-        count, skips = state.step + finite, state.skips + skipped
-        consecutive = (state.consecutive_skips + 1) * skipped
-        found_inf = skipped.to(torch.float32)
+    count, skips, consecutive, skipped = counters(state, finite)
+    found_inf = None if skipped is None else skipped.to(torch.float32)
     if donate:
         work = [p if p.is_contiguous() else p.contiguous() for p in ps]
         work_slots = [[s if s.is_contiguous() else s.contiguous() for s in c] for c in slots]
