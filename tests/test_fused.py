@@ -115,3 +115,19 @@ def test_may_fuse_only_in_plain_eager_mode() -> None:
     torch.func.vmap(lambda t: seen.append(_fused.may_fuse([t])) or t)(torch.ones(2, 1))
     assert seen == [False]
     assert not _fused.transforms_active() and not _fused.tracing()
+
+
+def test_one_is_a_float32_one_made_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "_ONES", {})
+    one = _fused.one(torch.device("cpu"))
+    assert one.dtype == torch.float32 and one.shape == () and one.device.type == "cpu"
+    assert float(one) == 1.0 and _fused.one(torch.device("cpu")) is one
+
+
+def test_copies_are_fresh_contiguous_equal_tensors() -> None:
+    base = torch.arange(12.0).view(3, 4)
+    for tensors in ([base, torch.ones(2)], [base.t(), torch.ones(2)]):  # contiguous or not
+        out = _fused.copies(tensors)
+        assert len(out) == len(tensors)
+        for x, y in zip(tensors, out, strict=True):
+            assert torch.equal(x, y) and y.is_contiguous() and y.data_ptr() != x.data_ptr()

@@ -73,6 +73,38 @@ def test_the_short_step_gives_the_general_steps_bits(
         for key in p1:
             assert p1[key].dtype == dtype and torch.equal(p1[key], p2[key]), key
     assert int(short[-1][1]) == 6 and int(short[-1][2]) == 2
+    for t in (2, 5):  # the skipped steps left the parameters as they were, bit for bit
+        assert all(torch.equal(short[t][0][k], short[t - 1][0][k]) for k in short[t][0])
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (
+            pp.optim.sgd(0.05, momentum=0.9),
+            lambda ps: torch.optim.SGD(ps, 0.05, momentum=0.9, fused=True),
+        ),
+        (  # with weight decay, where Adam and AdamW differ
+            pp.optim.adam(0.01, weight_decay=0.1),
+            lambda ps: torch.optim.Adam(ps, 0.01, weight_decay=0.1, fused=True),
+        ),
+        (pp.optim.adamw(0.01), lambda ps: torch.optim.AdamW(ps, 0.01, fused=True)),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
+def test_the_short_step_is_torchs_fused_step(ours: Any, theirs: Any) -> None:
+    params = _params()
+    torch_params = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = theirs(torch_params)
+    state = ours.init(params)
+    for t in range(5):
+        grads = _grads(params, t)
+        for p, g in zip(torch_params, grads.values(), strict=True):
+            p.grad = g.clone()
+        torch_opt.step()
+        params, state = ours.step(params, grads, state)
+    for a, b in zip(params.values(), torch_params, strict=True):
+        assert torch.equal(a, b.detach())
 
 
 def test_the_short_step_is_taken_and_stays_pure(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,3 +77,29 @@ def test_to_and_state_dict_walk_tree_children() -> None:
     assert loaded.moments["m"].tolist() == [0.0, 0.0] and loaded.name == "c"
     replaced = state._replace(extra=torch.tensor(7))
     assert int(replaced.extra) == 7 and state.extra is None and replaced.period == 4
+
+
+@pytest.mark.parametrize("tracing", [False, True], ids=["eager", "as-traced"])
+def test_replace_gives_the_same_state_eagerly_and_as_traced(
+    tracing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Eagerly _replace copies the attributes; while torch.compile traces it rebuilds from the
+    # layout (what Dynamo follows). Both must give the same state, the input unchanged.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: tracing)
+    _, Child, _ = _classes()
+    state = Child(torch.ones(2), 4, {"m": torch.zeros(2)}, torch.tensor(1), "c")
+    new = state._replace(extra=torch.tensor(7), weight=torch.full((2,), 3.0))
+    assert type(new) is Child and new is not state
+    assert new.weight.tolist() == [3.0, 3.0] and int(new.extra) == 7
+    assert new.moments is state.moments and (new.period, new.name) == (4, "c")
+    assert state.weight.tolist() == [1.0, 1.0] and int(state.extra) == 1
+
+
+def test_absent_children_stay_absent_through_a_tree_round_trip() -> None:
+    # None children are not leaves: the leaves after one line up with the right fields.
+    _, Child, _ = _classes()
+    state = Child(torch.ones(2), 4, None, torch.tensor(7), "c")
+    leaves, spec = _tree.tree_flatten(state)
+    assert [x.tolist() for x in leaves] == [[1.0, 1.0], 7]
+    back = _tree.tree_unflatten(spec, [x * 2 for x in leaves])
+    assert back.moments is None and int(back.extra) == 14 and back.weight.tolist() == [2.0, 2.0]

@@ -349,3 +349,31 @@ def test_tree_walks_while_compiling_match_the_eager_ones(
     assert _tree.tree_structure(rebuilt) == spec
     assert_trees_all_equal_dtypes(pp.cast_tree(tree, torch.float16), eager_cast)
     assert_trees_all_close(_tree.tree_map(lambda a, b: a, tree, tree), twice, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "dict", "list"])
+def test_floating_map_and_cast_touch_only_floating_tensors_and_keep_aliases(kind: str) -> None:
+    # The single-tensor, tuple and dict shortcuts and the tree walk behind them agree: integer
+    # tensors pass through, floating ones are mapped, and a tensor given twice is cast once.
+    f, i = torch.ones(3), torch.arange(3)
+    trees = {
+        "tensor": [f, i],
+        "tuple": [(f, i, f)],
+        "dict": [{"a": f, "b": i, "c": f}],
+        "list": [[f, i, f]],
+    }
+    for tree in trees[kind]:
+        mapped = _tree.map_floating(tree, lambda x: x * 2)
+        cast = _tree.cast_floating(tree, torch.float16)
+        for out, floating in ((mapped, 2 * f), (cast, f.half())):
+            leaves = _tree.tree_leaves(out) if kind != "tensor" else [out]
+            inputs = _tree.tree_leaves(tree) if kind != "tensor" else [tree]
+            for x, y in zip(inputs, leaves, strict=True):
+                if x.is_floating_point():
+                    assert torch.equal(y, floating) and y.dtype == floating.dtype
+                else:
+                    assert y is x
+        if kind in ("tuple", "list"):
+            assert cast[0] is cast[2]
+        if kind == "dict":
+            assert cast["a"] is cast["c"]
