@@ -78,12 +78,6 @@ def params_for_compute(policy: Policy, tree: Any) -> Any:
     """
     if policy.is_mixed:
         return tree
-    dtype = policy.compute_dtype
-    if type(tree) is dict and all(
-        type(v) is torch.Tensor and (v.dtype is dtype or not v.is_floating_point())
-        for v in tree.values()
-    ):
-        return tree  # nothing to cast (a float32 model under 32-true): passed as it is, too
     return policy.cast_to_compute(tree)
 
 

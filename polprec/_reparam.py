@@ -74,11 +74,15 @@ def _lay_out(module: nn.Module) -> _Layout:
             if child is not None:
                 edges.append((children, key, child))
                 stack.append((f"{prefix}{key}.", child))
+    return _Layout(edges, slots, tensors, _ties(tensors), shared)
+
+
+def _ties(tensors: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """name -> every name of the same tensor, for the tensors under several names."""
     by_tensor: dict[int, list[str]] = {}
     for name, tensor in tensors.items():
         by_tensor.setdefault(id(tensor), []).append(name)
-    tied = {n: tuple(names) for names in by_tensor.values() if len(names) > 1 for n in names}
-    return _Layout(edges, slots, tensors, tied, shared)
+    return {n: tuple(names) for names in by_tensor.values() if len(names) > 1 for n in names}
 
 
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, _Layout] = weakref.WeakKeyDictionary()
@@ -104,10 +108,7 @@ def _tied(module: nn.Module) -> dict[str, tuple[str, ...]]:
     """name -> every name of the same tensor, for ``module``'s tensors under several names."""
     if not _fused.tracing():
         return _layout(module).tied
-    by_tensor: dict[int, list[str]] = {}
-    for name, tensor in own_tensors(module).items():
-        by_tensor.setdefault(id(tensor), []).append(name)
-    return {n: tuple(names) for names in by_tensor.values() if len(names) > 1 for n in names}
+    return _ties(own_tensors(module))
 
 
 def untie(module: nn.Module, params: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -155,6 +155,8 @@ def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
         # The shapes every call sees (a params dict, an args tuple), without a tree walk.
         values = tree.values() if type(tree) is dict else tree
         if all(type(v) is torch.Tensor for v in values):
+            if all(v.dtype is dtype or not v.is_floating_point() for v in values):
+                return dict(tree) if type(tree) is dict else tree  # nothing to cast
             casts: dict[int, torch.Tensor] = {}
 
             def cast(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from polprec import _fused
-from polprec.optim._update import Buffers, counters
+from polprec.optim._update import Buffers, counters, work_buffers
 
 __all__ = ["step"]
 
@@ -88,12 +88,8 @@ def step(
         lr = lr.to(device, torch.float32)
     count, skips, consecutive, skipped = counters(state, finite)
     found_inf = None if skipped is None else skipped.to(torch.float32)
-    if donate:
-        work = [p if p.is_contiguous() else p.contiguous() for p in ps]
-        work_slots = [[s if s.is_contiguous() else s.contiguous() for s in c] for c in slots]
-    else:
-        work = _fused.copies(ps)
-        work_slots = [_fused.copies(c) for c in slots]
+    work = work_buffers(ps, donate)
+    work_slots = [work_buffers(c, donate) for c in slots]
     opt._kernel(Buffers(work, gs, work_slots, count, lr, found_inf))  # noqa: SLF001
     keys = list(params)
     new_params = dict(zip(keys, work, strict=True))

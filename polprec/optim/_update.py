@@ -33,6 +33,7 @@ __all__ = [
     "merge",
     "plain",
     "replace",
+    "work_buffers",
 ]
 
 
@@ -164,7 +165,7 @@ def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype, memory_format=torch.contiguous_format)
 
 
-def _buffers(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
+def work_buffers(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
     """Buffers for a kernel to update in place: copies, or (donated) the tensors themselves."""
     if donate:
         return [t if t.is_contiguous() else t.contiguous() for t in tensors]
@@ -185,8 +186,8 @@ def fused(
     groups = _group(inp)
     if len(groups) == 1 and all(m.direct for m in inp.modes):  # the common case, in short
         ((device, dtype),) = groups
-        params = _buffers([inp.params[i] for i in inp.active], donate)
-        slots = [_buffers([s[i] for i in inp.active], donate) for s in inp.slots]
+        params = work_buffers([inp.params[i] for i in inp.active], donate)
+        slots = [work_buffers([s[i] for i in inp.active], donate) for s in inp.slots]
         grads = [_contiguous(g, dtype) for g in inp.grads]
         kernel(Buffers(params, grads, slots, inp.step, _lr_on(lr, device), found_inf))
         return Outputs(params, slots, [None] * n, [None] * n)
@@ -195,8 +196,8 @@ def fused(
         idx = [inp.active[k] for k in ks]
         direct = all(inp.modes[k].direct for k in ks)
         if direct:  # the update runs on (copies of) the parameters and moments themselves
-            params = _buffers([inp.params[i] for i in idx], donate)
-            slots = [_buffers([s[i] for i in idx], donate) for s in inp.slots]
+            params = work_buffers([inp.params[i] for i in idx], donate)
+            slots = [work_buffers([s[i] for i in idx], donate) for s in inp.slots]
         else:
             params = [_work_param(inp, k, copy=not donate) for k in ks]
             slots = [
