@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from polprec.cli._info import cpu_line
+
 
 def measure(
     candidates: dict[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3
@@ -34,10 +36,7 @@ def measure(
 
 def header() -> str:
     """One line that says where the numbers come from."""
-    return (
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"cpu capability {torch.backends.cpu.get_cpu_capability()}"
-    )
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_line()}"
 
 
 def table(rows: list[list[str]], head: list[str]) -> str:

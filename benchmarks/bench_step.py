@@ -156,6 +156,9 @@ def steps(
     if not policy.uses_float16:
         candidates["no scaler"] = torch_step({"fused": True}, amp=True, scaler_on=False)
     if compile_:
+        # pp_step's code is shared by every model, precision and optimizer of a run: start
+        # each with an empty cache, so that a run of many does not hit the recompile limit.
+        torch._dynamo.reset()
         compiled = torch.compile(pp_step, fullgraph=True)
         candidates["polprec compiled"] = run_pp(compiled)
     if device_type == "cuda":  # time whole steps, not kernel launches

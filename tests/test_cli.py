@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -453,12 +454,30 @@ def test_info_json_reports_devices_and_positive_throughputs() -> None:
         ratio = matmul["gflops"][name] / matmul["gflops"]["float32"]
         assert matmul["ratio_to_float32"][name] == pytest.approx(ratio)
     assert "a bf16 policy" in cpu["verdict"]
+    flags = cpu["half_flags"]
+    assert flags is None or set(flags) <= {"amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16"}
+
+
+def test_info_names_the_cpus_16_bit_units(tmp_path: pathlib.Path) -> None:
+    from polprec.cli import _info
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert _info._cpu_half_flags(str(amx)) == ["amx_bf16", "avx512_bf16"]
+    assert _info._cpu_half_flags(str(avx2)) == []
+    assert _info._cpu_half_flags(str(tmp_path / "absent")) is None
+    line = _info.cpu_line()
+    assert line.startswith(f"CPU {_info._cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, ")
+    assert "AMX" in line
 
 
 def test_info_prints_a_readable_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info"]) == 0  # in-process; the subprocess test above checks the entry point
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"polprec {pp.__version__}, torch {torch.__version__}")
+    assert lines[1].startswith("CPU ") and "AMX" in lines[1]
     device_row, speed_row = (line.split() for line in lines if re.match(r"cpu {2,}\S", line))
     assert device_row[-3:] == ["bfloat16", "yes", "yes"]  # half_dtype, autocast bf16, fp16
     n, fp32, bf16, fp16, bf16_ratio, fp16_ratio = speed_row[1:]

@@ -108,6 +108,36 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+#: The CPU flags (Linux /proc/cpuinfo names) that make 16-bit matmuls fast: Intel AMX tiles
+#: and the AVX-512 bfloat16/float16 instructions. Without any of them torch emulates 16-bit
+#: matmuls in float32 and a 16-bit policy is slower than float32.
+_HALF_CPU_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16")
+
+
+def _cpu_half_flags(path: str = "/proc/cpuinfo") -> list[str] | None:
+    """Which of :data:`_HALF_CPU_FLAGS` this CPU has; ``None`` where the flags are unknown."""
+    try:
+        with open(path, encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    return [f for f in _HALF_CPU_FLAGS if f in flags]
+    except OSError:
+        pass
+    return None
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its 16-bit matrix units, for reports and benchmarks."""
+    flags = _cpu_half_flags()
+    if flags is None:
+        units = "16-bit units unknown"
+    else:
+        amx = "AMX" if any(f.startswith("amx") for f in flags) else "no AMX"
+        units = f"{amx}; 16-bit flags: {', '.join(flags) or 'none'}"
+    return f"CPU {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, {units})"
+
+
 def _device_report(device: torch.device, name: str, capability: str, max_n: int) -> dict[str, Any]:
     matmul = _matmul(device, max_n) if max_n else None
     label = f"{device} ({name})"
@@ -127,6 +157,7 @@ def _info_report() -> dict[str, Any]:
         torch.device("cpu"), _cpu_name(), torch.backends.cpu.get_cpu_capability(), 1024
     )
     cpu["threads"] = torch.get_num_threads()
+    cpu["half_flags"] = _cpu_half_flags()
     devices = [cpu]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
@@ -161,7 +192,7 @@ def command(args: argparse.Namespace) -> int:
         return 0
     print(
         f"polprec {report['polprec']}, torch {report['torch']}, Python {report['python']} "
-        f"on {report['platform']}\n"
+        f"on {report['platform']}\n{cpu_line()}\n"
     )
     devices = report["devices"]
     header: tuple[str, ...] = ("device", "name", "capability", "half_dtype")
