@@ -1,0 +1,56 @@
+"""The timing scripts in benchmarks/ run end to end (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import sys
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
+def _header_names_the_cpu(out: str) -> None:
+    from polprec.cli._info import cpu_line
+
+    headers = [line for line in out.splitlines() if line.startswith("torch ")]
+    assert len(headers) == 1
+    assert headers[0].endswith(cpu_line())
+    assert "threads; CPU " in headers[0]
+
+
+def test_bench_unscale_prints_a_row_per_size_and_leaf_count(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _script("bench_unscale", monkeypatch)
+    bench.main(["--leaves", "1", "3", "--sizes", "1e3", "--repeats", "2"])
+    out = capsys.readouterr().out
+    _header_names_the_cpu(out)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("1e+03")]
+    assert [row[1] for row in rows] == ["1", "3"]
+    assert all(float(ratio) > 0 for row in rows for ratio in row[6:])
+
+
+def test_bench_step_runs_every_eager_candidate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _script("bench_step", monkeypatch)
+    argv = ["--models", "mlp", "--precision", "bf16-mixed", "16-mixed", "--optimizers", "sgd"]
+    bench.main([*argv, "--repeats", "2", "--no-compile"])
+    out = capsys.readouterr().out
+    _header_names_the_cpu(out)
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("mlp ")]
+    assert [row[1] for row in rows] == ["bf16-mixed", "16-mixed"]
+    bf16, fp16 = rows
+    # eager/best, donate/best, compiled/best, eager/no scaler
+    assert bf16[-2] == fp16[-2] == "-"  # nothing compiled with --no-compile
+    assert fp16[-1] == "-"  # no "no scaler" step where float16 needs a GradScaler
+    assert all(float(cell.rstrip("x")) > 0 for cell in (bf16[-4], bf16[-3], bf16[-1], fp16[-4]))
