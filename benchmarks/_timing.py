@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -17,16 +18,21 @@ def measure(
 ) -> dict[str, float]:
     """Median seconds per call of each candidate, measured interleaved in one process.
 
-    Each round runs every candidate once, in a rotating order, so slow drifts of the machine
-    (other processes, frequency changes) hit all candidates alike.
+    Each round runs every candidate once, in a new shuffled order (seeded: the same orders on
+    every run), so slow drifts of the machine (other processes, frequency changes) hit all
+    candidates alike, and so does whatever one candidate leaves behind for the next (caches
+    filled with its own model, memory it freed). A rotating order would not do: it keeps
+    every candidate behind the same predecessor, which measured up to 17% on one of three
+    identical compiled steps.
     """
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
             candidates[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
+    shuffler = random.Random(0)
+    for _ in range(repeats):
+        order = shuffler.sample(names, len(names))
         for name in order:
             start = time.perf_counter()
             candidates[name]()

@@ -54,3 +54,20 @@ def test_bench_step_runs_every_eager_candidate(
     assert bf16[-2] == fp16[-2] == "-"  # nothing compiled with --no-compile
     assert fp16[-1] == "-"  # no "no scaler" step where float16 needs a GradScaler
     assert all(float(cell.rstrip("x")) > 0 for cell in (bf16[-4], bf16[-3], bf16[-1], fp16[-4]))
+
+
+def test_measure_runs_each_candidate_after_every_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    timing = _script("_timing", monkeypatch)
+    calls: list[str] = []
+    names = ["a", "b", "c", "d"]
+    times = timing.measure({n: (lambda n=n: calls.append(n)) for n in names}, repeats=40, warmup=2)
+    assert set(times) == set(names) and all(t >= 0 for t in times.values())
+    assert calls[: 2 * len(names)] == names * 2  # the warm-up rounds, in order
+    rounds = [calls[i : i + 4] for i in range(8, len(calls), 4)]
+    assert len(rounds) == 40 and all(sorted(r) == names for r in rounds)  # each once a round
+    # A fixed cyclic order would keep every candidate behind the same predecessor.
+    behind = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in names}
+    assert all(behind[n] == set(names) - {n} for n in names)
+    calls.clear()
+    timing.measure({n: (lambda n=n: calls.append(n)) for n in names}, repeats=40, warmup=2)
+    assert [calls[i : i + 4] for i in range(8, len(calls), 4)] == rounds  # seeded: repeatable
