@@ -97,15 +97,20 @@ def _verdict(label: str, ratios: dict[str, float]) -> str:
     return f"{label}: {speeds}: a bf16 policy will not pay on this machine"
 
 
-def _cpu_name() -> str:
+def _cpuinfo(key: str, path: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first ``key`` line of Linux's ``/proc/cpuinfo``; ``None`` without one."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        with open(path, encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 #: The CPU flags (Linux /proc/cpuinfo names) that make 16-bit matmuls fast: Intel AMX tiles
@@ -116,26 +121,25 @@ _HALF_CPU_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16")
 
 def _cpu_half_flags(path: str = "/proc/cpuinfo") -> list[str] | None:
     """Which of :data:`_HALF_CPU_FLAGS` this CPU has; ``None`` where the flags are unknown."""
-    try:
-        with open(path, encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.partition(":")[2].split())
-                    return [f for f in _HALF_CPU_FLAGS if f in flags]
-    except OSError:
-        pass
-    return None
+    line = _cpuinfo("flags", path)
+    if line is None:
+        return None
+    flags = set(line.split())
+    return [f for f in _HALF_CPU_FLAGS if f in flags]
 
 
-def cpu_line() -> str:
-    """One line naming the CPU and its 16-bit matrix units, for reports and benchmarks."""
-    flags = _cpu_half_flags()
+def _cpu_line(name: str, capability: str, flags: list[str] | None) -> str:
     if flags is None:
         units = "16-bit units unknown"
     else:
         amx = "AMX" if any(f.startswith("amx") for f in flags) else "no AMX"
         units = f"{amx}; 16-bit flags: {', '.join(flags) or 'none'}"
-    return f"CPU {_cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, {units})"
+    return f"CPU {name} ({capability}, {units})"
+
+
+def cpu_line() -> str:
+    """One line naming the CPU and its 16-bit matrix units, for reports and benchmarks."""
+    return _cpu_line(_cpu_name(), torch.backends.cpu.get_cpu_capability(), _cpu_half_flags())
 
 
 def _device_report(device: torch.device, name: str, capability: str, max_n: int) -> dict[str, Any]:
@@ -192,9 +196,11 @@ def command(args: argparse.Namespace) -> int:
         return 0
     print(
         f"polprec {report['polprec']}, torch {report['torch']}, Python {report['python']} "
-        f"on {report['platform']}\n{cpu_line()}\n"
+        f"on {report['platform']}"
     )
     devices = report["devices"]
+    cpu = devices[0]
+    print(_cpu_line(cpu["name"], cpu["capability"], cpu["half_flags"]) + "\n")
     header: tuple[str, ...] = ("device", "name", "capability", "half_dtype")
     header += ("autocast bf16", "autocast fp16")
     rows = [
