@@ -7,11 +7,18 @@ has no ``__init__.py`` (the default ``prepend`` import mode), as it does for ``c
 from __future__ import annotations
 
 import copy
+import datetime
+import os
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 import polprec as pp
@@ -102,6 +109,70 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --- real torch.distributed processes (gloo over loopback) ---------------------------------
+
+#: How long a multi-process test may run before its ranks are killed.
+DIST_TIMEOUT_S = 50.0
+
+
+def _dist_entry(
+    rank: int,
+    worker: Callable[[int, Any], Any],
+    port: int,
+    out_dir: str,
+    data: Any,
+    world: int,
+    timeout_s: float,
+) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        result = worker(rank, data)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn(
+    worker: Callable[[int, Any], Any],
+    tmp_path: Path,
+    data: Any,
+    *,
+    world: int = 2,
+    timeout_s: float = DIST_TIMEOUT_S,
+) -> list[Any]:
+    """Run ``worker(rank, data)`` on ``world`` gloo ranks; return each rank's result.
+
+    ``worker`` must live at module level (the spawn start method pickles it by name) and
+    return what ``torch.load(weights_only=True)`` reads back. Ranks that outlive
+    ``timeout_s`` are killed and the test fails.
+    """
+    ctx = mp.start_processes(
+        _dist_entry,
+        args=(worker, free_port(), str(tmp_path), data, world, timeout_s),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):  # raises with the worker's traceback if one failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"{worker.__name__} did not finish within {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    return [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def seeded_mlp(d_in: int, hidden: int, classes: int) -> nn.Module:

@@ -2,15 +2,12 @@
 
 The multi-process tests spawn two ranks on 127.0.0.1 with the gloo backend. Workers live at
 module level (spawn pickles them by name), write their results with ``torch.save`` and are
-killed if they outlive ``_TIMEOUT_S``. Bad input to the distributed functions, and calls
+killed if they outlive ``helpers.DIST_TIMEOUT_S``. Bad input to the distributed functions, and calls
 without a process group: test_audit.py.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import free_port, load_digits
+from helpers import load_digits, spawn
 from torch import nn
 
 import polprec as pp
@@ -27,51 +23,7 @@ import polprec.distributed as ppd
 from polprec.testing import assert_trees_all_close
 
 _WORLD = 2
-_TIMEOUT_S = 50.0
 _BATCH = 64  # per step, split evenly over the ranks
-
-
-# --- process harness ----------------------------------------------------------------------
-
-
-def _entry(
-    rank: int, worker: Callable[[int, Any], Any], port: int, out_dir: str, data: Any
-) -> None:
-    torch.set_num_threads(1)  # two ranks share the machine's cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=_WORLD,
-        timeout=datetime.timedelta(seconds=_TIMEOUT_S),
-    )
-    try:
-        result = worker(rank, data)
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def _spawn(worker: Callable[[int, Any], Any], tmp_path: Path, data: Any) -> list[Any]:
-    """Run ``worker(rank, data)`` on two gloo ranks; return each rank's result (rank order)."""
-    ctx = mp.start_processes(
-        _entry,
-        args=(worker, free_port(), str(tmp_path), data),
-        nprocs=_WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + _TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):  # raises with the worker's traceback if one failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"{worker.__name__} did not finish within {_TIMEOUT_S:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-            p.join()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(_WORLD)]
 
 
 # --- shared model and data (real data: sklearn's bundled digits) ---------------------------
@@ -243,7 +195,7 @@ def _fsdp_worker(rank: int, digits: Any) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_nan_on_one_rank_makes_every_rank_skip_and_back_off(tmp_path: Path, digits: Any) -> None:
-    results = _spawn(_nan_on_rank1_worker, tmp_path, digits)
+    results = spawn(_nan_on_rank1_worker, tmp_path, digits)
     for rank, r in enumerate(results):
         for name in ["agreed", "compiled"]:  # eager and torch.compile(fullgraph=True)
             got = r[name]
@@ -272,7 +224,7 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_back_off(tmp_path: Path, digi
 def test_data_parallel_training_equals_single_process_on_the_full_batch(
     tmp_path: Path, digits: Any
 ) -> None:
-    results = _spawn(_data_parallel_worker, tmp_path, digits)
+    results = spawn(_data_parallel_worker, tmp_path, digits)
     x_all, y_all = digits
     model = _mlp()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -295,7 +247,7 @@ def test_data_parallel_training_equals_single_process_on_the_full_batch(
 def test_fully_shard_with_converted_policy_runs_in_the_policys_dtypes(
     tmp_path: Path, digits: Any
 ) -> None:
-    results = _spawn(_fsdp_worker, tmp_path, digits)
+    results = spawn(_fsdp_worker, tmp_path, digits)
     for r in results:
         for spec, got in r.items():
             policy = pp.get_policy(spec)
