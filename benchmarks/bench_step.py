@@ -1,7 +1,8 @@
 """A whole training step: polprec against autocast + GradScaler + torch.optim, as ratios.
 
-Two models: an MLP (small ops: per-call overhead dominates) and a 2-block transformer encoder
-(matmuls dominate); two optimizers: SGD with momentum and AdamW. For each, the median time
+Three models: two MLPs (64-256-256-10, and 256-512-512-10 with four times the parameters:
+small ops, per-call overhead dominates, the optimizer's share grows with the second) and a
+2-block transformer encoder (matmuls dominate); two optimizers: SGD with momentum and AdamW. For each, the median time
 per step of
 
 * ``fp32``: a plain float32 step (``loss.backward()`` + the torch.optim optimizer), for
@@ -17,7 +18,10 @@ per step of
   (``NoOpLossScale`` unless float16 is involved);
 * ``polprec donate``: the same step with ``donate=True`` (the fused kernels update the
   inputs' buffers instead of copies);
-* ``polprec compiled``: the pure step under ``torch.compile(fullgraph=True)``,
+* ``polprec compiled``: the pure step under ``torch.compile(fullgraph=True)``;
+* ``copy``: ``torch._foreach_copy_`` of the bytes the pure step writes afresh (the
+  parameters and every moment of the optimizer state) into buffers made once: what the pure
+  step pays over the donated one should be about this copy (column ``(pure-donate)/copy``),
 
 all measured interleaved in one process, with the ratios to ``torch.amp`` and, for polprec's
 steps, to the faster of ``torch.amp`` and ``torch.amp fused`` (the target) and to ``no
@@ -57,6 +61,7 @@ COLUMNS = [
     "polprec",
     "polprec donate",
     "polprec compiled",
+    "copy",
 ]
 
 
@@ -65,6 +70,16 @@ def mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)
     )
     return model, (torch.randn(64, 64), torch.randint(0, 10, (64,)))
+
+
+def mlp512() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    model = nn.Sequential(
+        nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 10)
+    )
+    return model, (torch.randn(64, 256), torch.randint(0, 10, (64,)))
+
+
+MODELS = {"mlp": mlp, "mlp512": mlp512}
 
 
 class Transformer(nn.Module):
@@ -146,12 +161,25 @@ def steps(
 
         return run
 
+    def copy_floor() -> Callable[[], None]:
+        """The pure step's fresh bytes (params and moments), copied into buffers made once."""
+        params = pp.cast_params({k: v.detach() for k, v in model.named_parameters()}, policy)
+        state = opt.init(params)
+        sources = [t for t in pp._tree.tree_leaves((params, state)) if t.is_floating_point()]
+        targets = [torch.empty_like(t) for t in sources]
+
+        def run() -> None:
+            torch._foreach_copy_(targets, sources)
+
+        return run
+
     candidates = {
         "fp32": torch_step({}, amp=False),
         "torch.amp": torch_step({}, amp=True),
         "torch.amp fused": torch_step({"fused": True}, amp=True),
         "polprec": run_pp(pp_step),
         "polprec donate": run_pp(pp_step, donate=True),
+        "copy": copy_floor(),
     }
     if not policy.uses_float16:
         candidates["no scaler"] = torch_step({"fused": True}, amp=True, scaler_on=False)
@@ -177,7 +205,12 @@ def _synced(fn: Callable[[], None]) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", nargs="+", default=["bf16-mixed", "16-mixed"])
-    parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["mlp", "mlp512", "transformer"],
+        choices=[*MODELS, "transformer"],
+    )
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true")
@@ -188,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.precision:
             for optimizer in args.optimizers:
                 torch.manual_seed(0)
-                model, batch = {"mlp": mlp, "transformer": transformer}[model_name]()
+                model, batch = {**MODELS, "transformer": transformer}[model_name]()
                 cands = steps(model, batch, spec, optimizer, not args.no_compile, args.device)
                 times = measure(cands, repeats=args.repeats, warmup=3)
                 amp = times["torch.amp"]
@@ -204,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 ]
                 bare = times.get("no scaler")
                 row += [f"{times['polprec'] / bare:.2f}x" if bare else "-"]
+                extra = times["polprec"] - times["polprec donate"]
+                row += [f"{extra / times['copy']:.2f}x"]
                 rows.append(row)
                 print(row, flush=True)
     print(header())
@@ -211,10 +246,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"device {torch.cuda.get_device_name()}")
     print(
         "median ms per step (ratio to torch.amp); then polprec eager, donated and compiled over "
-        "the faster torch.amp step (default or fused=True), and polprec eager over no scaler"
+        "the faster torch.amp step (default or fused=True), polprec eager over no scaler, and "
+        "what the pure step costs over the donated one, in copies of its fresh bytes"
     )
     head = ["model", "precision", "optimizer", *COLUMNS, "eager/best", "donate/best"]
-    head += ["compiled/best", "eager/no scaler"]
+    head += ["compiled/best", "eager/no scaler", "(pure-donate)/copy"]
     print(table(rows, head))
 
 

@@ -155,6 +155,19 @@ def accumulate(
     return [a + g.float() for a, g in zip(acc, grads, strict=True)]
 
 
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every tensor is finite. No host sync.
+
+    In eager mode on plain tensors one multi-tensor max-norm pass per device and dtype (a NaN
+    or an infinity anywhere makes its tensor's max-norm non-finite); elsewhere plain ops.
+    """
+    if may_fuse(tensors):
+        maxima = [n.to(torch.float32) for n in norms(tensors, float("inf"))]
+        device = tensors[0].device
+        return torch.isfinite(torch.stack([m.to(device) for m in maxima])).all()
+    return torch.stack([torch.isfinite(x).all() for x in tensors]).all()
+
+
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a norm of ``dtype`` values is accumulated in: at least float32."""
     return torch.promote_types(dtype, torch.float32)
@@ -166,7 +179,16 @@ def norms(tensors: Sequence[torch.Tensor], ord: float) -> list[torch.Tensor]:
     if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
         out = torch._foreach_norm(list(tensors), ord, dtype=norm_dtype(first.dtype))  # noqa: SLF001
         return list(out)
-    return [torch.linalg.vector_norm(t, ord, dtype=norm_dtype(t.dtype)) for t in tensors]
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    result: list[torch.Tensor] = [first] * len(tensors)
+    for (_, dtype), idx in groups.items():
+        group = [tensors[i] for i in idx]
+        for i, n in zip(idx, torch._foreach_norm(group, ord, dtype=norm_dtype(dtype)), strict=True):  # noqa: SLF001
+            result[i] = n
+        del dtype
+    return result
 
 
 # --- polprec.optim: torch's fused optimizer kernels, always on buffers polprec owns -----------

@@ -267,11 +267,29 @@ def test_skipped_step_leaves_only_the_counters(trained: tuple[Any, Any, Any, Any
     )
 
 
-def test_no_flag_means_no_check(path: str) -> None:
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_no_flag_means_the_step_checks_itself(name: str, bad: float, path: str) -> None:
+    opt = OPTIMIZERS[name]()
+    params = {"w": torch.ones(300), "b": torch.ones(3)}
+    state = opt.init(params)
+    grads = {"w": torch.ones(300), "b": torch.ones(3)}
+    grads["w"][150] = bad  # in the middle of a vectorised loop, not its first element
+    new, after = opt.step(params, grads, state)
+    assert _trees_equal(new, params) and _trees_equal(after.step, state.step)
+    assert int(after.skips) == 1 and int(after.consecutive_skips) == 1
+    new, after = opt.step(params, {"w": torch.ones(300), "b": torch.ones(3)}, after)
+    assert not torch.equal(new["w"], params["w"]) and int(after.step) == 1
+    assert int(after.consecutive_skips) == 0
+
+
+def test_a_true_flag_means_no_check(path: str) -> None:
     opt = pp.optim.sgd(0.1)
     params = {"w": torch.ones(2)}
     state = opt.init(params)
-    new, state = opt.step(params, {"w": torch.tensor([1.0, float("inf")])}, state)
+    new, state = opt.step(
+        params, {"w": torch.tensor([1.0, float("inf")])}, state, grads_finite=True
+    )
     assert new["w"][1] == float("-inf") and int(state.step) == 1 and int(state.skips) == 0
 
 
@@ -450,7 +468,7 @@ def test_compiled_bias_corrections_are_the_eager_ones_bit_for_bit() -> None:
     opt = pp.optim.adam(3e-3, betas=(0.8, 0.95))
 
     def scalars(step: torch.Tensor, lr: Any) -> Any:
-        return opt._scalars(step, lr)[:2]
+        return opt.scalars(step, lr)[:2]
 
     compiled = torch.compile(scalars, fullgraph=True)
     for t in (1, 2, 7, 1000):

@@ -215,6 +215,14 @@ STEPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
     ),
     ("finite flag a string", _step(grads_finite="yes"), TypeError, ["grads_finite", "'yes'"]),
     ("donate not bool", _step(donate=1), TypeError, ["donate", "1", "True or False"]),
+    ("negative lr_scale", _step(lr_scale=-0.5), ValueError, ["lr_scale", "-0.5", ">= 0"]),
+    ("lr_scale a string", _step(lr_scale="1"), TypeError, ["lr_scale", "'1'"]),
+    (
+        "lr_scale tensor of shape (2,)",
+        _step(lr_scale=torch.ones(2)),
+        TypeError,
+        ["lr_scale", "0-dim", "(2,)"],
+    ),
 ]
 
 

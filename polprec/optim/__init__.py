@@ -3,10 +3,11 @@
 An optimizer is a frozen, hashable object of settings (torch.optim's names and defaults).
 ``init(params)`` makes its state, a pytree of tensors; ``step(params, grads, state)`` returns
 new parameters and a new state without changing its inputs, skips a step whose gradients
-were not finite (``grads_finite=False``: parameters and moments unchanged, the skip counted)
-and takes the learning rate as a tensor for schedules under ``torch.compile``. In eager mode
-the update runs on torch's fused kernels with the skip folded in; under ``vmap``,
-``torch.func.grad`` and ``torch.compile`` it runs in plain tensor ops.
+are not finite (checked by the step itself, or ``grads_finite=`` from
+:func:`polprec.value_and_grad`: parameters and moments unchanged, the skip counted) and takes
+the learning rate, or a factor of it (``lr_scale=``), as a tensor for schedules under
+``torch.compile``. In eager mode the update runs on torch's fused kernels with the skip folded
+in; under ``vmap``, ``torch.func.grad`` and ``torch.compile`` it runs in plain tensor ops.
 
 The precision options ``master_weights``, ``state_dtype``, ``rounding="stochastic"`` and
 ``kahan`` keep 16-bit parameters training like float32 ones.

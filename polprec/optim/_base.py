@@ -1,89 +1,160 @@
-"""What every polprec optimizer does: check its settings, ``init`` a state, ``step`` purely.
+"""What every polprec optimizer is: settings declared once, ``init``, and a pure ``step``.
 
-An optimizer is a frozen dataclass of settings. :class:`Optimizer` holds the shared
-machinery; :class:`~polprec.optim.SGD` and :class:`~polprec.optim.Adam` add their update
-rule twice over: as torch's fused kernel (``_kernel``) and as plain ops (``_rule``).
+An optimizer is a frozen dataclass whose fields are its settings. Each field is declared
+once, with :func:`setting`: its default, its check and whether ``torch.optim`` has a setting
+of that name (which :meth:`Optimizer.from_torch_state_dict` compares). The class adds its
+update rule: the moments it keeps (:meth:`Optimizer.slots`), torch's fused kernel that
+implements it in place (:meth:`Optimizer.kernel`), the numbers it needs once per step
+(:meth:`Optimizer.scalars`) and the same update in plain tensor ops (:meth:`Optimizer.rule`).
+How a step runs on a tree (which leaves, which kernel, the skip) is not the optimizer's
+business: :mod:`polprec.optim._engine` does it for every optimizer, and for
+:func:`~polprec.optim.partition`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from polprec import _fused, _tree
-from polprec._checks import check_grads_finite, check_int, check_number
-from polprec.optim import _fast
-from polprec.optim._leaves import check_lr, check_state, leaves, state_leaves
-from polprec.optim._modes import Mode, check_bool, check_precision, leaf_mode
+from polprec import _tree
+from polprec._checks import check_int, check_number
+from polprec.optim import _engine, _precision
+from polprec.optim._precision import Mode, check_bool
 from polprec.optim._states import OptState
 from polprec.optim._torch import from_torch
-from polprec.optim._update import (
-    Buffers,
-    Inputs,
-    Outputs,
-    counters,
-    fused,
-    merge,
-    plain,
-    replace,
-)
+from polprec.optim._update import Buffers
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "check_nonnegative", "setting"]
 
 
+def check_nonnegative(name: str, value: Any) -> float:
+    """A number setting >= 0, as a float."""
+    return check_number(name, value, positive=False)
+
+
+def setting(
+    default: Any,
+    *,
+    check: Callable[[str, Any], Any] | None = None,
+    torch_name: bool = True,
+    kw_only: bool = True,
+) -> Any:
+    """A setting of an optimizer: a dataclass field with its check.
+
+    Args:
+        default: the default (torch.optim's, for the settings torch has).
+        check: ``check(name, value) -> value``, run by ``__post_init__``; what it returns is
+            stored (a normalised value).
+        torch_name: ``torch.optim`` has a param-group setting of this name, which must agree
+            when a torch optimizer's state is taken over.
+        kw_only: keyword-only (every setting but ``lr``).
+    """
+    return dataclasses.field(
+        default=default, kw_only=kw_only, metadata={"check": check, "torch": torch_name}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """The machinery shared by polprec's optimizers (see :func:`~polprec.optim.adamw`)."""
+    """The settings every polprec optimizer has, and the machinery they share.
 
-    # Settings every optimizer has; each subclass declares them as dataclass fields.
-    lr: float
-    maximize: bool
-    master_weights: bool | None
-    state_dtype: torch.dtype | None
-    rounding: str
-    kahan: bool
+    Attributes:
+        lr: learning rate (>= 0); ``step`` may override it (``lr=``) or scale it
+            (``lr_scale=``) for one step.
+        maximize: maximize the objective instead of minimizing it.
+        master_weights: keep float32 master copies of 16-bit parameters, update them and
+            return each parameter in its own dtype (Apex O2, DeepSpeed's bf16 optimizer).
+            ``None`` (the default): on for 16-bit parameters unless ``kahan`` or stochastic
+            rounding is asked for, which exist to make them unnecessary.
+        state_dtype: the dtype of the moments; ``None``: float32 for 16-bit parameters, the
+            parameter's dtype otherwise.
+        rounding: how updated values are written into 16-bit parameters: ``"nearest"`` or
+            ``"stochastic"`` (unbiased; its random bits come from a counter in the state and
+            each element's place in the full tensor, whatever the grouping or sharding).
+        kahan: Kahan-compensated updates of 16-bit parameters without a master copy (a
+            compensation buffer in the parameter's dtype); exclusive with
+            ``master_weights=True``.
+    """
+
+    lr: float = setting(1e-3, check=check_nonnegative, kw_only=False)
+    maximize: bool = setting(False, check=check_bool)
+    master_weights: bool | None = setting(None, torch_name=False)
+    state_dtype: torch.dtype | None = setting(None, torch_name=False)
+    rounding: str = setting("nearest", torch_name=False)
+    kahan: bool = setting(False, torch_name=False)
+    # per-object caches, no settings: equality, hashing and repr ignore them
+    _modes: dict[torch.dtype, Mode] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _plans: dict[Any, _engine.Plan] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     #: The state class this optimizer's ``init`` returns.
     state_type: ClassVar[type[OptState]]
     #: The moment fields of :attr:`state_type` (those the settings do not use are ``None``).
     slot_fields: ClassVar[tuple[str, ...]]
 
-    # --- what each optimizer provides
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check = field.metadata.get("check")
+            if check is not None and field.init:
+                object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+        dtype = _precision.check(self.master_weights, self.state_dtype, self.rounding, self.kahan)
+        object.__setattr__(self, "state_dtype", dtype)
+        self.validate()
 
-    def _slots(self) -> tuple[str, ...]:
+    # --- the update rule: what each optimizer provides
+
+    def validate(self) -> None:
+        """Check settings against each other (each field is checked on its own before)."""
+
+    def slots(self) -> tuple[str, ...]:
         """The moment fields these settings use."""
         raise NotImplementedError
 
-    def _fusable(self) -> bool:
+    def fusable(self) -> bool:
         """Whether torch's fused kernel implements these settings."""
         return True
 
-    def _kernel(self, b: Buffers) -> None:
+    def kernel(self, b: Buffers) -> None:
+        """The update, in place, by torch's fused kernel for one device and dtype."""
         raise NotImplementedError
 
-    def _scalars(self, step: torch.Tensor, lr: float | torch.Tensor) -> Any:
-        """What the rule needs once per step (bias corrections), from the step count after it."""
+    def scalars(self, step: torch.Tensor, lr: float | torch.Tensor) -> Any:
+        """What :meth:`rule` needs once per step (bias corrections), from the step count after
+        it."""
         raise NotImplementedError
 
-    def _rule(
+    def rule(
         self, param: torch.Tensor, grad: torch.Tensor, slots: list[torch.Tensor], scalars: Any
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The update of one leaf in plain tensor ops: ``(param, slots) -> (param, slots)``."""
         raise NotImplementedError
 
-    # --- settings
+    # --- what the machinery asks
 
-    def _check_common(self) -> None:
-        """Check and normalise the settings every optimizer has (called by ``__post_init__``)."""
-        object.__setattr__(self, "lr", check_number("lr", self.lr, positive=False))
-        check_bool("maximize", self.maximize)
-        dtype = check_precision(self.master_weights, self.state_dtype, self.rounding, self.kahan)
-        object.__setattr__(self, "state_dtype", dtype)
+    def mode(self, dtype: torch.dtype) -> Mode:
+        """How a parameter of ``dtype`` is updated under these precision options."""
+        modes = self._modes
+        mode = modes.get(dtype)
+        if mode is None:
+            mode = _precision.leaf_mode(
+                dtype, self.master_weights, self.state_dtype, self.rounding, self.kahan
+            )
+            if not torch.compiler.is_compiling():  # (a cache is a side effect to a tracer)
+                modes[dtype] = mode
+        return mode
 
-    def _mode(self, dtype: torch.dtype) -> Mode:
-        return leaf_mode(dtype, (self.master_weights, self.state_dtype, self.rounding, self.kahan))
+    @classmethod
+    def torch_settings(cls) -> tuple[str, ...]:
+        """The settings ``torch.optim`` has under the same names."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("torch"))
 
-    # --- init
+    # --- init, step
 
     def init(self, params: Any, *, seed: int = 0) -> Any:
         """A fresh state for ``params``: zero moments, counters at 0, master copies as needed.
@@ -94,43 +165,10 @@ class Optimizer:
         """
         seed = check_int("seed", seed, minimum=0)
         _tree.check_tree(params, "params")
-        p_leaves, spec = _tree.tree_flatten(params)
-        floats = [p if _tree.is_float_tensor(p) else None for p in p_leaves]
-        modes = [None if p is None else self._mode(p.dtype) for p in floats]
-        device = next((p.device for p in floats if p is not None), torch.device("cpu"))
-
-        def tree(make: Any, wanted: Any = None) -> Any:
-            built = [
-                None if p is None or m is None or (wanted and not wanted(m)) else make(p, m)
-                for p, m in zip(floats, modes, strict=True)
-            ]
-            if wanted is not None and all(x is None for x in built):
-                return None
-            return _tree.tree_unflatten(spec, built)
-
-        def zeros(p: torch.Tensor, m: Mode) -> torch.Tensor:
-            return torch.zeros_like(p, dtype=m.state, memory_format=torch.contiguous_format)
-
-        used = self._slots()
-        children: dict[str, Any] = {
-            name: tree(zeros) if name in used else None for name in self.slot_fields
-        }
-        count = torch.zeros((), dtype=torch.int32, device=device)
-        stochastic = any(m is not None and m.stochastic for m in modes)
-        return self.state_type(
-            step=count,
-            skips=count.clone(),
-            consecutive_skips=count.clone(),
-            master=tree(lambda p, m: p.detach().to(torch.float32, copy=True), lambda m: m.master),
-            compensation=tree(
-                lambda p, m: torch.zeros_like(p, memory_format=torch.contiguous_format),
-                lambda m: m.kahan,
-            ),
-            seed=torch.tensor(seed, dtype=torch.int64, device=device) if stochastic else None,
-            **children,
-        )
-
-    # --- step
+        leaves, spec = _tree.tree_flatten(params)
+        floats = [p if _tree.is_float_tensor(p) else None for p in leaves]
+        count = _engine.zero_count(floats)
+        return _engine.init_state(self, spec, floats, count, seed)
 
     def step(
         self,
@@ -140,6 +178,7 @@ class Optimizer:
         *,
         grads_finite: torch.Tensor | bool | None = None,
         lr: float | torch.Tensor | None = None,
+        lr_scale: float | torch.Tensor | None = None,
         donate: bool = False,
     ) -> tuple[Any, Any]:
         """One update: ``(params, grads, state) -> (params, state)``, pure, no host sync.
@@ -151,9 +190,13 @@ class Optimizer:
             state: this optimizer's state (from :meth:`init` or a previous step).
             grads_finite: a 0-dim bool tensor (from :func:`polprec.value_and_grad`): when
                 False, parameters and moments come back bitwise unchanged and only the skip
-                counters move. ``None``: no check.
+                counters move. ``None`` (the default): the step checks the gradients itself
+                and skips if any element is not finite (in eager mode inside the fused
+                kernel's skip, as GradScaler's ``found_inf``). ``True``: no check.
             lr: overrides the optimizer's ``lr`` for this step: a number or a 0-dim tensor
                 (a schedule that does not recompile under ``torch.compile``).
+            lr_scale: multiplies the learning rate for this step (a number or a 0-dim
+                tensor), as torch's ``LambdaLR`` does: ``lr_scale=schedule(state.step)``.
             donate: let the fused kernels update ``params``' and ``state``'s buffers in place
                 instead of copies (as JAX's ``donate_argnums``): both are invalid afterwards.
                 Only in eager mode on the fused path; elsewhere the step stays pure.
@@ -167,66 +210,22 @@ class Optimizer:
                 f"makes, got {type(state).__name__}"
             )
         check_bool("donate", donate)
-        _tree.check_tree(params, "params")
-        _tree.check_tree(grads, "grads")
-        lr_value = self.lr if lr is None else check_lr(lr)
-        finite = None if grads_finite is None else check_grads_finite(grads_finite)
-        short = _fast.step(self, params, grads, state, finite, lr_value, donate)
-        if short is not None:
-            return short
-        lv = leaves(params, grads)
-        names = self._slots()
-        slots, master, comp = state_leaves(self, state, names, lv, params)
-        by_dtype: dict[torch.dtype, Mode] = {}
-        modes = []
-        for i in lv.active:
-            dtype = lv.params[i].dtype
-            mode = by_dtype.get(dtype)
-            if mode is None:
-                mode = by_dtype[dtype] = self._mode(dtype)
-            modes.append(mode)
-        check_state(self, state, params, lv, modes, names, (slots, master, comp))
-        step, skips, consecutive, skipped = counters(state, finite)
-        inp = Inputs(lv.params, lv.active, lv.grads, modes, slots, master, comp, state.seed, step)
-        if not lv.active:
-            out = Outputs([], [[] for _ in slots], [], [])
-        elif self._fusable() and self._may_fuse(inp, lr_value, finite):
-            found_inf = None if skipped is None else skipped.to(torch.float32)
-            out = fused(
-                inp, self._kernel, lr=lr_value, found_inf=found_inf, finite=finite, donate=donate
-            )
-        else:
-            # the count this step would reach (> 0 even where it is skipped: no 1/0 in a
-            # branch torch.where discards, which would poison a gradient through the step)
-            after = step if finite is None else state.step + 1
-            out = plain(inp, self._rule, self._scalars(after, lr_value), finite=finite)
-        spec, active = lv.spec, lv.active
-        new_params = _tree.tree_unflatten(spec, replace(lv.params, active, out.params))
-        children: dict[str, Any] = {
-            n: _tree.tree_unflatten(spec, replace(s, active, new))
-            for n, s, new in zip(names, slots, out.slots, strict=True)
-        }
-        for name, old, new in (
-            ("master", master, out.master),
-            ("compensation", comp, out.compensation),
-        ):
-            children[name] = (
-                None if old is None else _tree.tree_unflatten(spec, merge(old, active, new))
-            )
-        new_state = state.replace(step=step, skips=skips, consecutive_skips=consecutive, **children)
+        rate = _engine.learning_rate(
+            self.lr if lr is None else _engine.check_lr("lr", lr), lr_scale
+        )
+        new_params, (new_state,), _ = _engine.step(
+            self._plans,
+            (self,),
+            None,
+            params,
+            grads,
+            (state,),
+            state,
+            grads_finite,
+            (rate,),
+            donate,
+        )
         return new_params, new_state
-
-    def _may_fuse(self, inp: Inputs, lr: Any, finite: torch.Tensor | None) -> bool:
-        if _fused.tracing():
-            return False
-        tensors = [inp.params[i] for i in inp.active]
-        if any(t.device.type not in _fused.OPTIM_DEVICES for t in tensors):
-            return False
-        tensors += inp.grads  # the state's tensors are polprec's own
-        for extra in (lr, finite):
-            if isinstance(extra, torch.Tensor):
-                tensors.append(extra)
-        return _fused.may_fuse(tensors)
 
     def from_torch_state_dict(
         self, state_dict: Mapping[str, Any], params: Any, *, step: int | None = None
@@ -239,7 +238,8 @@ class Optimizer:
         are matched with the floating leaves of ``params`` in tree order, which
         ``dict(model.named_parameters())`` shares. The moments are copied into this state's
         dtypes; master copies come from ``params``. Parameters torch holds no state for
-        start from zero moments.
+        start from zero moments. (A torch optimizer with several param groups maps onto
+        :func:`~polprec.optim.partition`.)
 
         Args:
             state_dict: ``torch_optimizer.state_dict()``.

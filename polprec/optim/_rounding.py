@@ -3,16 +3,30 @@
 Stochastic rounding rounds ``x`` to one of its two neighbouring 16-bit values, up with
 probability (distance to the lower one) / (their spacing), so that its expectation is ``x``:
 updates far below half a spacing survive on average instead of rounding away. Its random
-bits come from a counter-based hash of (seed, step, leaf, element index) in integer tensor
-ops: no generator, the same bits for the same state on every run and device, batched by
-``vmap`` and fused by inductor.
+bits come from a counter-based hash of (seed, step, the leaf's key path, the element's index
+in the full tensor) in integer tensor ops: no generator, the same bits for the same state on
+every run and device, batched by ``vmap`` and fused by inductor, and independent of how the
+leaves are laid out: the position of a leaf in its tree, the optimizer group it is in
+(:func:`~polprec.optim.partition`) or the shard of it a rank holds do not enter.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["HALF", "kahan_split", "leaf_key", "random_bits", "round_to", "stochastic_round"]
+__all__ = [
+    "HALF",
+    "full_index",
+    "kahan_split",
+    "leaf_key",
+    "path_key",
+    "random_bits",
+    "round_to",
+    "stochastic_round",
+]
 
 #: The 16-bit dtypes the precision options act on.
 HALF = (torch.bfloat16, torch.float16)
@@ -35,15 +49,33 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def _path_key(path: str) -> int:
+    """A 32-bit number for a leaf's dotted key path (``"blocks.0.ln_1.weight"``).
+
+    CRC-32 of its UTF-8 bytes: the same in every process (unlike ``hash(str)``); a constant
+    to ``torch.compile``, which does not trace into ``zlib``.
+    """
+    return zlib.crc32(path.encode("utf-8"))
+
+
+path_key: Callable[[str], int] = torch.compiler.assume_constant_result(_path_key)  # type: ignore[no-untyped-call]
+
+
 def leaf_key(seed: torch.Tensor, step: torch.Tensor, leaf: int) -> torch.Tensor:
-    """A 0-dim int64 key for one leaf at one step, from the state's seed and step count."""
+    """A 0-dim int64 key for one leaf (its :func:`path_key`) at one step, from the state's
+    seed and step count."""
     mixed_step = _mix(step.to(torch.int64) & _MASK)
-    return _mix((_mix((seed & _MASK) ^ mixed_step) + leaf * 0x9E3779B9) & _MASK)
+    return _mix((_mix((seed & _MASK) ^ mixed_step) + ((leaf * 0x9E3779B9) & _MASK)) & _MASK)
 
 
-def random_bits(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """Uniform 32-bit values (int64) of ``like``'s shape, a hash of ``key`` and the index."""
-    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+def full_index(like: torch.Tensor) -> torch.Tensor:
+    """Each element's flat index in ``like`` (int64, ``like``'s shape): a whole tensor's."""
+    return torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+
+
+def random_bits(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Uniform 32-bit values (int64), a hash of ``key`` and each element's ``index`` (its flat
+    index in the full tensor, whichever part of it is at hand)."""
     return _mix((index + key) & _MASK)
 
 

@@ -9,13 +9,14 @@ hold no settings: those live on the optimizer, which checks that a state fits it
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
 
 from polprec._state import State
 
-__all__ = ["AdamState", "OptState", "SGDState"]
+__all__ = ["COUNTERS", "AdamState", "OptState", "PartitionState", "SGDState", "state_class"]
 
 _S = TypeVar("_S", bound="OptState")
 
@@ -89,3 +90,66 @@ class AdamState(OptState):
     exp_avg: Any
     exp_avg_sq: Any
     max_exp_avg_sq: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PartitionState(OptState):
+    """The state of :func:`~polprec.optim.partition`: the counters, and each label's state.
+
+    Attributes:
+        states: each label's optimizer state by label, in the order of the partition's
+            optimizers. Their trees have the structure of the parameters, with ``None`` at the
+            leaves of other labels; their counters are the partition's own.
+
+    ``master``, ``compensation`` and ``seed`` are ``None``: they live in the labels' states.
+    """
+
+    states: dict[str, OptState]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and settings as nested dicts that survive ``torch.load(weights_only=True)``."""
+        return {
+            "type": type(self).__name__,
+            **{n: getattr(self, n).detach().clone() for n in COUNTERS},
+            "states": {label: s.state_dict() for label, s in self.states.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Any]) -> PartitionState:
+        """Rebuild a partition's state from :meth:`state_dict`'s output (validated)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
+                "output of state_dict()"
+            )
+        kind = state_dict.get("type", cls.__name__)
+        if kind != cls.__name__:
+            raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
+        expected = {"type", "states", *COUNTERS}
+        if set(state_dict) != expected:
+            raise ValueError(
+                f"state_dict for {cls.__name__} has missing keys "
+                f"{sorted(expected - set(state_dict))} and unknown keys "
+                f"{sorted(set(state_dict) - expected)}; expected keys {sorted(expected)}"
+            )
+        inner = state_dict["states"]
+        if not isinstance(inner, Mapping):
+            raise TypeError(f"state_dict['states'] must be a mapping by label, got {inner!r}")
+        counters = {n: state_dict[n] for n in COUNTERS}
+        states = {
+            label: state_class(sd).from_state_dict(sd).replace(**counters)
+            for label, sd in inner.items()
+        }
+        return cls(master=None, compensation=None, seed=None, states=states, **counters)
+
+
+def state_class(state_dict: Mapping[str, Any]) -> type[OptState]:
+    """The optimizer-state class a ``state_dict()`` was made by (its ``"type"``)."""
+    kinds = {c.__name__: c for c in (SGDState, AdamState, PartitionState)}
+    kind = state_dict.get("type") if isinstance(state_dict, Mapping) else None
+    if kind not in kinds:
+        raise ValueError(
+            f"not an optimizer state's state_dict(): its 'type' is {kind!r}, expected one of "
+            f"{sorted(kinds)}"
+        )
+    return kinds[kind]

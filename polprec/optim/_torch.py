@@ -10,23 +10,9 @@ import torch
 
 from polprec import _fused, _tree
 from polprec._checks import check_grads_finite
-from polprec.optim._leaves import leaves, path_of
+from polprec.optim._engine import Flat, active
 
-__all__ = ["TORCH_KEYS", "from_torch", "step_torch"]
-
-#: The ``param_groups`` settings that must agree with the polprec optimizer, per class name.
-TORCH_KEYS: dict[str, tuple[str, ...]] = {
-    "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
-    "Adam": (
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-        "amsgrad",
-        "maximize",
-        "decoupled_weight_decay",
-    ),
-}
+__all__ = ["check_group", "from_torch", "step_torch"]
 
 
 def _plain(value: Any) -> Any:
@@ -38,24 +24,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def check_group(opt: Any, group: Any, g: int, hint: str) -> list[Any]:
+    """The parameter ids of torch's param group ``g``, after checking its settings against
+    ``opt``'s (the settings torch has under the same names)."""
+    if not isinstance(group, dict) or "params" not in group:
+        raise ValueError(
+            f"param group {g} of the torch optimizer must be a dict with a 'params' list, got "
+            f"{group!r}"
+        )
+    for key in opt.torch_settings():
+        theirs = _plain(group.get(key, False if key == "decoupled_weight_decay" else None))
+        mine = getattr(opt, key)
+        if theirs is None or theirs != mine:
+            raise ValueError(
+                f"param group {g} of the torch optimizer has {key}={theirs!r} but this "
+                f"optimizer has {key}={mine!r}; make the polprec optimizer with "
+                f"{key}={theirs!r} ({hint})"
+            )
+    return list(group["params"])
+
+
 def _check_groups(opt: Any, groups: Any) -> list[Any]:
     """The parameter ids of every group, after checking each group's settings against ``opt``."""
     if not isinstance(groups, list) or not groups:
         raise ValueError("state_dict['param_groups'] must be a non-empty list of groups")
-    ids: list[Any] = []
-    for g, group in enumerate(groups):
-        for key in TORCH_KEYS[type(opt).__name__]:
-            theirs = _plain(group.get(key, False if key == "decoupled_weight_decay" else None))
-            mine = getattr(opt, key)
-            if theirs is None or theirs != mine:
-                raise ValueError(
-                    f"param group {g} of the torch optimizer has {key}={theirs!r} but this "
-                    f"optimizer has {key}={mine!r}; make the polprec optimizer with "
-                    f"{key}={theirs!r} (polprec optimizers have one group of settings; a "
-                    "schedule passes lr= to step)"
-                )
-        ids.extend(group["params"])
-    return ids
+    hint = (
+        "a polprec optimizer has one group of settings; a schedule passes lr_scale= to step, "
+        "and pp.optim.partition gives each torch param group its own optimizer"
+    )
+    return [pid for g, group in enumerate(groups) for pid in check_group(opt, group, g, hint)]
 
 
 def from_torch(
@@ -74,6 +71,13 @@ def from_torch(
             f"'state' and 'param_groups', got {type(state_dict).__name__}"
         )
     ids = _check_groups(opt, state_dict["param_groups"])
+    return from_torch_ids(opt, state_dict, ids, params, step=step)
+
+
+def from_torch_ids(
+    opt: Any, state_dict: Mapping[str, Any], ids: list[Any], params: Any, *, step: int | None
+) -> Any:
+    """``opt``'s state for ``params`` from torch's state of the parameters ``ids`` (in order)."""
     leaves, spec = _tree.tree_flatten(params)
     floats = [i for i, p in enumerate(leaves) if _tree.is_float_tensor(p)]
     if len(ids) != len(floats):
@@ -98,7 +102,7 @@ def from_torch(
             if tuple(value.shape) != tuple(leaves[i].shape):
                 raise ValueError(
                     f"torch's {name} of parameter {pid} has shape {tuple(value.shape)} but "
-                    f"{path_of(params, i)} has shape {tuple(leaves[i].shape)}: are params "
+                    f"{_path_of(params, i)} has shape {tuple(leaves[i].shape)}: are params "
                     "in the order the torch optimizer was given them?"
                 )
             target = leaf_list[i]
@@ -115,6 +119,12 @@ def from_torch(
         step = int(steps.pop()) if steps else int(had_buffers and bool(slots))
     count = torch.tensor(step, dtype=torch.int32, device=state.step.device)
     return state.replace(step=count, **{n: _tree.tree_unflatten(spec, s) for n, s in slots.items()})
+
+
+def _path_of(tree: Any, index: int) -> str:
+    """The readable path of the ``index``-th leaf of ``tree`` (for error messages only)."""
+    paths, _, _ = _tree.tree_flatten_with_path(tree)
+    return _tree.path_str(paths[index])
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -243,26 +253,27 @@ def step_torch(
     _tree.check_tree(params, "params")
     _tree.check_tree(grads, "grads")
     finite = check_grads_finite(grads_finite)
-    lv = leaves(params, grads)
+    flat = Flat(params, grads)
+    names = flat.paths()[1]
     held = {id(p): p for group in optimizer.param_groups for p in group["params"]}
     named: set[int] = set()
     with_grad: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for i, p in enumerate(lv.params):
+    for i, p in enumerate(flat.leaves):
         if not isinstance(p, torch.Tensor):
             continue
         if id(p) not in held:
             raise ValueError(
-                f"params has a tensor at {path_of(params, i)} that {type(optimizer).__name__} "
+                f"params has a tensor at {names[i]} that {type(optimizer).__name__} "
                 "does not hold; pass the parameters it was built with, "
                 "dict(model.named_parameters()), not detached copies"
             )
         named.add(id(p))
         with_grad.setdefault(id(p), (p, None))
-    for i, g in zip(lv.active, lv.grads, strict=True):
-        p = lv.params[i]
+    for i in active(flat, names):
+        p, g = flat.leaves[i], flat.grads[i]
         if (g.dtype, g.device) != (p.dtype, p.device):
             raise ValueError(
-                f"the gradient of {path_of(params, i)} is {g.dtype} on {g.device} but the "
+                f"the gradient of {names[i]} is {g.dtype} on {g.device} but the "
                 f"parameter is {p.dtype} on {p.device}; torch.optim needs each gradient in "
                 "its parameter's dtype and device (value_and_grad returns them so)"
             )

@@ -1,4 +1,9 @@
-"""The precision options: checking them, and what they mean for a parameter of each dtype."""
+"""The precision options, checked once, and what they mean for a parameter of each dtype.
+
+``master_weights``, ``state_dtype``, ``rounding`` and ``kahan`` are fields of every
+optimizer (declared once, on :class:`~polprec.optim.Optimizer`). :func:`check` validates them
+together; :func:`leaf_mode` says how a parameter of one dtype is updated under them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import torch
 from polprec.optim._rounding import HALF
 from polprec.policy import parse_dtype
 
-__all__ = ["ROUNDINGS", "Mode", "Options", "check_bool", "check_precision", "leaf_mode"]
+__all__ = ["ROUNDINGS", "Mode", "check", "check_bool", "leaf_mode"]
 
 #: The accepted values of ``rounding``.
 ROUNDINGS = ("nearest", "stochastic")
@@ -38,9 +43,7 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_precision(
-    master_weights: Any, state_dtype: Any, rounding: Any, kahan: Any
-) -> torch.dtype | None:
+def check(master_weights: Any, state_dtype: Any, rounding: Any, kahan: Any) -> torch.dtype | None:
     """Validate the precision options; returns ``state_dtype`` as a dtype (or ``None``)."""
     if master_weights is not None and not isinstance(master_weights, bool):
         raise TypeError(
@@ -60,33 +63,18 @@ def check_precision(
     return None if state_dtype is None else parse_dtype(state_dtype)
 
 
-#: ``(master_weights, state_dtype, rounding, kahan)``, an optimizer's precision options.
-Options = tuple[bool | None, torch.dtype | None, str, bool]
-
-_MODES: dict[tuple[torch.dtype, Options], Mode] = {}
-
-
-def leaf_mode(dtype: torch.dtype, options: Options) -> Mode:
-    """The :class:`Mode` of a parameter of ``dtype`` (the options act on 16-bit ones only).
-
-    ``master_weights=None`` keeps master copies of 16-bit parameters unless ``kahan`` or
-    stochastic rounding is asked for: those exist to do without them.
-    """
-    mode = _MODES.get((dtype, options))
-    if mode is None:
-        mode = _mode(dtype, *options)
-        if not torch.compiler.is_compiling():  # (a cache is a side effect to a tracer)
-            _MODES[dtype, options] = mode
-    return mode
-
-
-def _mode(
+def leaf_mode(
     dtype: torch.dtype,
     master_weights: bool | None,
     state_dtype: torch.dtype | None,
     rounding: str,
     kahan: bool,
 ) -> Mode:
+    """The :class:`Mode` of a parameter of ``dtype`` (the options act on 16-bit ones only).
+
+    ``master_weights=None`` keeps master copies of 16-bit parameters unless ``kahan`` or
+    stochastic rounding is asked for: those exist to do without them.
+    """
     half = dtype in HALF
     if master_weights is None:
         master_weights = not kahan and rounding == "nearest"

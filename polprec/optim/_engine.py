@@ -1,0 +1,531 @@
+"""How a step runs on a tree, for every optimizer and for :func:`~polprec.optim.partition`.
+
+What depends only on the trees' structure (which leaves have gradients, their dtypes,
+devices and shapes, each leaf's optimizer, mode and path key, the groups a kernel launch
+each) is worked out once into a :class:`Plan` and kept on the optimizer, keyed on that
+structure; every error about the trees' structure is raised while making it. A step then
+lines the leaves up, checks the state against the plan, agrees on the skip once, and runs
+each group the fused or the plain way (:mod:`polprec.optim._update`), chosen by
+:func:`polprec._fused.may_fuse`, the one decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from polprec import _fused, _tree
+from polprec._checks import check_grads_finite, check_number
+from polprec.optim._precision import Mode
+from polprec.optim._rounding import path_key
+from polprec.optim._update import Column, Result, fused, plain
+
+__all__ = [
+    "Flat",
+    "Group",
+    "Plan",
+    "active",
+    "check_lr",
+    "init_state",
+    "learning_rate",
+    "step",
+    "zero_count",
+]
+
+#: Plans kept per optimizer; beyond this many structures the oldest are dropped.
+_MAX_PLANS = 32
+
+
+class Flat:
+    """The leaves of ``params`` and ``grads``, lined up, and how to rebuild a tree of them.
+
+    A dict of tensors, the usual params, is taken apart without a tree walk.
+    """
+
+    __slots__ = ("grads", "keys", "leaves", "params", "spec")
+
+    def __init__(self, params: Any, grads: Any) -> None:
+        self.params = params
+        if (
+            type(params) is dict
+            and type(grads) is dict
+            and len(grads) == len(params)
+            and all(isinstance(v, torch.Tensor) for v in params.values())
+        ):
+            keys = tuple(params)
+            try:
+                self.grads: list[Any] = [grads[k] for k in keys]
+            except KeyError:
+                pass
+            else:
+                self.keys: tuple[Any, ...] | None = keys
+                self.leaves: list[Any] = list(params.values())
+                self.spec: Any = None
+                return
+        self.keys = None
+        self.leaves, self.spec = _tree.tree_flatten(params)
+        try:
+            self.grads = _tree.flatten_up_to(self.spec, grads)
+        except (ValueError, TypeError):
+            raise mismatch(params, grads, "grads", "None where a leaf has no gradient") from None
+
+    @classmethod
+    def of(cls, params: Any) -> Flat:
+        """The leaves of ``params`` alone (no gradients)."""
+        if type(params) is dict and all(isinstance(v, torch.Tensor) for v in params.values()):
+            return cls(params, dict.fromkeys(params))
+        leaves, spec = _tree.tree_flatten(params)
+        return cls(params, _tree.tree_unflatten(spec, [None] * len(leaves)))
+
+    def token(self) -> Any:
+        """The structure, as a hashable value."""
+        return ("dict", self.keys) if self.keys is not None else self.spec
+
+    def paths(self) -> tuple[list[str], list[str]]:
+        """Each leaf's dotted key path (``"blocks.0.weight"``) and its readable name."""
+        if self.keys is not None:
+            return [str(k) for k in self.keys], [_tree.path_str((k,)) for k in self.keys]
+        raw, _, _ = _tree.tree_flatten_with_path(self.params)
+        return [".".join(str(k) for k in p) for p in raw], [_tree.path_str(p) for p in raw]
+
+    def align(self, tree: Any, name: str) -> list[Any]:
+        """The leaves of a tree shaped like ``params`` (a state's), lined up with them."""
+        if self.keys is not None and type(tree) is dict and len(tree) == len(self.keys):
+            try:
+                return [tree[k] for k in self.keys]
+            except KeyError:
+                pass
+        spec = self.spec if self.spec is not None else _tree.tree_structure(self.params)
+        try:
+            return _tree.flatten_up_to(spec, tree)
+        except (ValueError, TypeError):
+            hint = "was the state made by init(params) for these params?"
+            raise mismatch(self.params, tree, name, hint) from None
+
+    def rebuild(self, leaves: Sequence[Any]) -> Any:
+        """A tree of ``params``' structure (and key order) holding ``leaves``."""
+        if self.keys is not None:
+            return dict(zip(self.keys, leaves, strict=True))
+        return _tree.tree_unflatten(self.spec, leaves)
+
+
+def mismatch(params: Any, other: Any, what: str, hint: str) -> ValueError:
+    """A ValueError naming the paths where ``other``'s structure departs from ``params``'."""
+    p_paths = {_tree.path_str(p) for p in _tree.tree_flatten_with_path(params)[0]}
+    o_paths = {_tree.path_str(p) for p in _tree.tree_flatten_with_path(other)[0]}
+    missing, extra = sorted(p_paths - o_paths), sorted(o_paths - p_paths)
+    return ValueError(
+        f"{what} must have the structure of params ({hint}); missing in {what}: "
+        f"{missing or 'none'}, not in params: {extra or 'none'}; params: "
+        f"{_tree.tree_structure(params)}"
+    )
+
+
+class Group(NamedTuple):
+    """Leaves one kernel launch updates: one optimizer, one device, one work dtype."""
+
+    member: int  # which optimizer (0 for a single one; a label's position in a partition)
+    device: torch.device
+    work: torch.dtype
+    idx: tuple[int, ...]  # leaf positions
+    modes: tuple[Mode, ...]
+    shapes: tuple[torch.Size, ...]
+    keys: tuple[int, ...]  # path keys, for stochastic rounding
+    names: tuple[str, ...]  # readable paths, for errors
+    direct: bool  # every leaf updated on (copies of) itself, as torch.optim does
+    fused: bool  # the optimizer's fused kernel implements its settings on this device
+
+
+class Plan(NamedTuple):
+    """What a step on trees of one structure does, leaf by leaf, worked out once."""
+
+    groups: tuple[Group, ...]
+    active: tuple[int, ...]  # leaves with a gradient, in leaf order
+    members: tuple[int, ...]  # which members have a group
+
+
+#: ``labels(flat, floats) -> member index per leaf`` (``None`` for the leaves no optimizer
+#: updates); ``None``: every floating leaf is member 0's.
+Labels = Callable[[Flat, list[str]], list[int | None]] | None
+
+
+def _signature(flat: Flat) -> tuple[Any, ...]:
+    """What the plan depends on: the structure and each leaf's kind, dtype, device, shape."""
+    return (
+        flat.token(),
+        tuple(
+            (type(p), p.dtype, p.device, p.shape) if isinstance(p, torch.Tensor) else type(p)
+            for p in flat.leaves
+        ),
+        tuple(
+            (type(g), g.dtype, g.shape) if isinstance(g, torch.Tensor) else type(g)
+            for g in flat.grads
+        ),
+    )
+
+
+def plan_for(plans: dict[Any, Plan], flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
+    """The plan for these trees, from ``plans`` (kept by the optimizer) or made and kept there;
+    made afresh while tracing (a cache is a side effect to a tracer)."""
+    if torch.compiler.is_compiling():
+        return _make_plan(flat, members, labels)
+    key = _signature(flat)
+    plan = plans.get(key)
+    if plan is None:
+        plan = _make_plan(flat, members, labels)
+        if len(plans) >= _MAX_PLANS:
+            plans.pop(next(iter(plans)))
+        plans[key] = plan
+    return plan
+
+
+def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
+    dotted, names = flat.paths()
+    updated = active(flat, names)
+    label_of: list[int | None] = [0] * len(flat.leaves) if labels is None else labels(flat, dotted)
+    grouped: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
+    for i in updated:
+        m = label_of[i]
+        if m is None:
+            continue
+        p = flat.leaves[i]
+        mode = members[m].mode(p.dtype)
+        grouped.setdefault((m, p.device, mode.work), []).append(i)
+    groups = []
+    for (m, device, work), idx in grouped.items():
+        opt = members[m]
+        modes = tuple(opt.mode(flat.leaves[i].dtype) for i in idx)
+        plain_tensors = all(
+            type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+            for i in idx
+            for x in (flat.leaves[i], flat.grads[i])
+        )
+        groups.append(
+            Group(
+                member=m,
+                device=device,
+                work=work,
+                idx=tuple(idx),
+                modes=modes,
+                shapes=tuple(flat.leaves[i].shape for i in idx),
+                keys=tuple(path_key(dotted[i]) for i in idx),
+                names=tuple(names[i] for i in idx),
+                direct=all(mode.direct for mode in modes),
+                fused=opt.fusable() and device.type in _fused.OPTIM_DEVICES and plain_tensors,
+            )
+        )
+    stepped = sorted(i for g in groups for i in g.idx)
+    return Plan(tuple(groups), tuple(stepped), tuple(sorted({g.member for g in groups})))
+
+
+def active(flat: Flat, names: list[str]) -> list[int]:
+    """The leaves to update (floating, with a gradient), after checking every gradient."""
+    found = []
+    for i, (p, g) in enumerate(zip(flat.leaves, flat.grads, strict=True)):
+        if g is None:
+            continue
+        if isinstance(p, torch.Tensor) and p.is_complex():
+            raise TypeError(
+                f"parameter {names[i]} is complex ({p.dtype}); polprec.optim updates real "
+                "floating-point parameters (pass torch.view_as_real(p))"
+            )
+        if not _tree.is_float_tensor(p):
+            if isinstance(g, torch.Tensor):
+                raise ValueError(
+                    f"grads has a tensor at {names[i]}, where params has a non-floating "
+                    f"{type(p).__name__} leaf; its gradient must be None"
+                )
+            continue
+        if not isinstance(g, torch.Tensor) or not g.is_floating_point():
+            got = f"dtype {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise TypeError(
+                f"the gradient of {names[i]} must be a floating tensor or None, got {got}"
+            )
+        if g.shape != p.shape:
+            raise ValueError(
+                f"the gradient of {names[i]} has shape {tuple(g.shape)}, its parameter "
+                f"{tuple(p.shape)}"
+            )
+        found.append(i)
+    return found
+
+
+# --- the state a step reads ----------------------------------------------------------------
+
+
+class Held(NamedTuple):
+    """One optimizer's state, lined up with the params' leaves."""
+
+    slots: list[list[Any]]  # one list per moment the settings use
+    master: list[Any] | None
+    compensation: list[Any] | None
+
+
+def _held(opt: Any, state: Any, flat: Flat) -> Held:
+    slots = []
+    for name in opt.slots():
+        tree = getattr(state, name)
+        if tree is None:
+            raise ValueError(
+                f"state.{name} is None: the state was made by an optimizer with other settings "
+                f"than {opt!r}; make one with this optimizer's init(params)"
+            )
+        slots.append(flat.align(tree, f"state.{name}"))
+    master, comp = (
+        None if tree is None else flat.align(tree, f"state.{name}")
+        for name, tree in (("master", state.master), ("compensation", state.compensation))
+    )
+    return Held(slots, master, comp)
+
+
+def _column(
+    group: Group, flat: Flat, held: Held, state: Any, step: torch.Tensor, opt: Any
+) -> Column:
+    """The group's leaves this step, after checking that the state has what they need."""
+    idx = group.idx
+    slots = [[s[i] for i in idx] for s in held.slots]
+    master = None if held.master is None else [held.master[i] for i in idx]
+    comp = None if held.compensation is None else [held.compensation[i] for i in idx]
+    shapes = list(group.shapes)
+    fine = all(
+        all(isinstance(x, torch.Tensor) for x in s) and [x.shape for x in s] == shapes
+        for s in slots
+    )
+    if not fine or not group.direct:
+        _check_state(group, opt, slots, master, comp)
+    seed = state.seed
+    if seed is None and any(m.stochastic for m in group.modes):
+        raise ValueError(
+            "state.seed is None but rounding='stochastic' needs it: make the state with "
+            "this optimizer's init(params)"
+        )
+    return Column(
+        params=[flat.leaves[i] for i in idx],
+        grads=[flat.grads[i] for i in idx],
+        modes=group.modes,
+        slots=slots,
+        master=master,
+        compensation=comp,
+        keys=group.keys,
+        seed=seed,
+        step=step,
+    )
+
+
+def _check_state(group: Group, opt: Any, slots: list[list[Any]], master: Any, comp: Any) -> None:
+    """Every updated leaf has the state its mode needs, in its shape."""
+    names = opt.slots()
+    for j, (mode, shape) in enumerate(zip(group.modes, group.shapes, strict=True)):
+        need = [(n, s[j]) for n, s in zip(names, slots, strict=True)]
+        if mode.master:
+            need.append(("master", None if master is None else master[j]))
+        if mode.kahan:
+            need.append(("compensation", None if comp is None else comp[j]))
+        for name, x in need:
+            if not isinstance(x, torch.Tensor) or x.shape != shape:
+                got = "nothing" if x is None else f"shape {tuple(getattr(x, 'shape', ()))}"
+                raise ValueError(
+                    f"state.{name} has {got} for parameter {group.names[j]} ({mode.param}, "
+                    f"shape {tuple(shape)}): the state was made for other parameters or "
+                    f"settings; make one with {type(opt).__name__}.init(params)"
+                )
+
+
+# --- the step ------------------------------------------------------------------------------
+
+
+def check_lr(name: str, lr: Any) -> float | torch.Tensor:
+    """A learning rate (or factor) given to ``step``: a number >= 0 or a 0-dim floating tensor.
+
+    While ``torch.compile`` traces, a Python number is taken as it is: one that changes
+    between calls is symbolic, its value unknown (eager mode checks it).
+    """
+    if isinstance(lr, torch.Tensor):
+        if lr.dim() != 0 or not lr.is_floating_point():
+            raise TypeError(
+                f"{name} must be a number or a 0-dim floating tensor, got a tensor of dtype "
+                f"{lr.dtype} and shape {tuple(lr.shape)}"
+            )
+        return lr
+    if torch.compiler.is_compiling() and isinstance(lr, int | float) and not isinstance(lr, bool):
+        return lr  # its value may be symbolic, unknown while tracing: checked in eager mode
+    return check_number(name, lr, positive=False)
+
+
+def learning_rate(lr: float | torch.Tensor, lr_scale: Any) -> float | torch.Tensor:
+    """``lr`` times ``lr_scale`` (``None``: 1)."""
+    if lr_scale is None:
+        return lr
+    return lr * check_lr("lr_scale", lr_scale)
+
+
+def zero_count(floats: Sequence[Any]) -> torch.Tensor:
+    """A 0-dim int32 zero on the first parameter's device (CPU if there is none)."""
+    first = next((p for p in floats if p is not None), None)
+    device = torch.device("cpu") if first is None else first.device
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
+def init_state(
+    opt: Any, spec: Any, floats: list[torch.Tensor | None], count: torch.Tensor, seed: int
+) -> Any:
+    """``opt``'s fresh state for the leaves ``floats`` (``None``: no state for that leaf)."""
+    modes = [None if p is None else opt.mode(p.dtype) for p in floats]
+
+    def tree(make: Any, wanted: Any = None) -> Any:
+        built = [
+            None if p is None or m is None or (wanted and not wanted(m)) else make(p, m)
+            for p, m in zip(floats, modes, strict=True)
+        ]
+        if wanted is not None and all(x is None for x in built):
+            return None
+        return _tree.tree_unflatten(spec, built)
+
+    def zeros(p: torch.Tensor, m: Mode) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=m.state, memory_format=torch.contiguous_format)
+
+    used = opt.slots()
+    children: dict[str, Any] = {
+        name: tree(zeros) if name in used else None for name in opt.slot_fields
+    }
+    stochastic = any(m is not None and m.stochastic for m in modes)
+    return opt.state_type(
+        step=count,
+        skips=count.clone(),
+        consecutive_skips=count.clone(),
+        master=tree(lambda p, m: p.detach().to(torch.float32, copy=True), lambda m: m.master),
+        compensation=tree(
+            lambda p, m: torch.zeros_like(p, memory_format=torch.contiguous_format),
+            lambda m: m.kahan,
+        ),
+        seed=torch.tensor(seed, dtype=torch.int64, device=count.device) if stochastic else None,
+        **children,
+    )
+
+
+def counters(
+    state: Any, finite: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(step, skips, consecutive_skips, not_finite)`` after this step."""
+    if finite is None:
+        return state.step + 1, state.skips, torch.zeros_like(state.consecutive_skips), None
+    if finite.device != state.step.device:
+        finite = finite.to(state.step.device)
+    skipped = torch.logical_not(finite)
+    return (
+        state.step + finite,
+        state.skips + skipped,
+        (state.consecutive_skips + 1) * skipped,
+        skipped,
+    )
+
+
+def _finite(grads_finite: Any, flat: Flat, plan: Plan) -> torch.Tensor | None:
+    """The step's verdict: the flag given, ``None`` for ``True`` (no check), or the gradients'
+    own (``None`` given): one multi-tensor max-norm pass in eager mode, plain ops elsewhere."""
+    if grads_finite is True:
+        return None
+    if grads_finite is not None:
+        return check_grads_finite(grads_finite)
+    grads = [flat.grads[i] for i in plan.active]
+    if not grads:
+        return None
+    return _fused.all_finite(grads)
+
+
+def step(
+    plans: dict[Any, Plan],
+    members: Sequence[Any],
+    labels: Labels,
+    params: Any,
+    grads: Any,
+    states: Sequence[Any],
+    counted: Any,
+    grads_finite: Any,
+    rates: Sequence[float | torch.Tensor],
+    donate: bool,
+) -> tuple[Any, list[Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One step of ``members`` (optimizers) over ``params``.
+
+    Args:
+        plans: the plans kept by the optimizer (or the partition) stepping.
+        members: the optimizers; ``states[m]`` is ``members[m]``'s state.
+        labels: which member updates each leaf (see :data:`Labels`).
+        counted: the state whose counters count this step.
+        rates: each member's learning rate for this step.
+
+    Returns:
+        ``(new_params, new_states, (step, skips, consecutive_skips))``.
+    """
+    _tree.check_tree(params, "params")
+    _tree.check_tree(grads, "grads")
+    flat = Flat(params, grads)
+    plan = plan_for(plans, flat, members, labels)
+    finite = _finite(grads_finite, flat, plan)
+    count, skips, consecutive, skipped = counters(counted, finite)
+    found_inf = None if skipped is None else skipped.to(torch.float32)
+    extras = [x for x in (*rates, finite) if isinstance(x, torch.Tensor)]
+    held = {m: _held(members[m], states[m], flat) for m in plan.members}
+    scalars: dict[int, Any] = {}
+    new_leaves = list(flat.leaves)
+    results: dict[int, list[tuple[Group, Result]]] = {m: [] for m in plan.members}
+    for group in plan.groups:
+        m, opt = group.member, members[group.member]
+        col = _column(group, flat, held[m], states[m], count, opt)
+        if group.fused and _fused.may_fuse([*col.params, *col.grads, *extras]):
+            res = fused(
+                col,
+                opt.kernel,
+                direct=group.direct,
+                device=group.device,
+                work=group.work,
+                lr=rates[m],
+                found_inf=None if found_inf is None else found_inf.to(group.device),
+                finite=finite,
+                donate=donate,
+            )
+        else:
+            if m not in scalars:
+                # the count this step would reach (> 0 even where it is skipped: no 1/0 in a
+                # branch torch.where discards, which would poison a gradient through the step)
+                after = count if finite is None else counted.step + 1
+                scalars[m] = opt.scalars(after, rates[m])
+            res = plain(col, opt.rule, scalars[m], finite=finite)
+        for i, new in zip(group.idx, res.params, strict=True):
+            new_leaves[i] = new
+        results[m].append((group, res))
+    new_states = list(states)
+    for m, done in results.items():
+        new_states[m] = _new_state(members[m], states[m], flat, held[m], done)
+    counts = (count, skips, consecutive)
+    new_states = [
+        s.replace(step=count, skips=skips, consecutive_skips=consecutive) for s in new_states
+    ]
+    return flat.rebuild(new_leaves), new_states, counts
+
+
+def _new_state(
+    opt: Any, state: Any, flat: Flat, held: Held, done: list[tuple[Group, Result]]
+) -> Any:
+    slots = [list(s) for s in held.slots]
+    master = None if held.master is None else list(held.master)
+    comp = None if held.compensation is None else list(held.compensation)
+    for group, res in done:
+        for column, new in zip(slots, res.slots, strict=True):
+            for i, x in zip(group.idx, new, strict=True):
+                column[i] = x
+        for kept, fresh in ((master, res.master), (comp, res.compensation)):
+            if kept is not None:
+                for i, y in zip(group.idx, fresh, strict=True):
+                    if y is not None:
+                        kept[i] = y
+    children: dict[str, Any] = {
+        name: flat.rebuild(s) for name, s in zip(opt.slots(), slots, strict=True)
+    }
+    if master is not None:
+        children["master"] = flat.rebuild(master)
+    if comp is not None:
+        children["compensation"] = flat.rebuild(comp)
+    return state.replace(**children)

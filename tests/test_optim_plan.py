@@ -1,0 +1,206 @@
+"""The optimizers' one machinery (polprec/optim/_engine.py): a plan per tree structure, kept
+between steps, and one decision per group between torch's fused kernel and plain ops.
+
+Every step takes the same road: the plan's groups (one optimizer, device and work dtype
+each), each run on torch's fused kernel where ``_fused.may_fuse`` allows it. These tests pin
+what the plan caches, that the common step is exactly torch's fused step, that a step whose
+leaves fall into several groups gives the plain path's numbers, and that nothing is mutated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import polprec as pp
+from polprec import _fused
+from polprec.optim import _engine
+
+
+def _params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in [("w", (7, 5)), ("b", (5,))]}
+
+
+def _grads(params: dict[str, Any], t: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(100 + t)
+    return {
+        k: None if v is None else torch.randn(v.shape, generator=gen).to(v.dtype)
+        for k, v in params.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (
+            pp.optim.sgd(0.05, momentum=0.9),
+            lambda ps: torch.optim.SGD(ps, 0.05, momentum=0.9, fused=True),
+        ),
+        (  # with weight decay, where Adam and AdamW differ
+            pp.optim.adam(0.01, weight_decay=0.1),
+            lambda ps: torch.optim.Adam(ps, 0.01, weight_decay=0.1, fused=True),
+        ),
+        (pp.optim.adamw(0.01), lambda ps: torch.optim.AdamW(ps, 0.01, fused=True)),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+def test_the_common_step_is_torchs_fused_step(ours: Any, theirs: Any, donate: bool) -> None:
+    params = _params()
+    torch_params = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    torch_opt = theirs(torch_params)
+    state = ours.init(params)
+    for t in range(5):
+        grads = _grads(params, t)
+        for p, g in zip(torch_params, grads.values(), strict=True):
+            p.grad = g.clone()
+        torch_opt.step()
+        params, state = ours.step(params, grads, state, donate=donate)
+    for a, b in zip(params.values(), torch_params, strict=True):
+        assert torch.equal(a, b.detach())
+
+
+def _count_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    made: list[int] = []
+    make = _engine._make_plan
+    monkeypatch.setattr(
+        _engine,
+        "_make_plan",
+        lambda *a: (made.append(1), make(*a))[1],  # type: ignore[func-returns-value]
+    )
+    return made
+
+
+def test_the_plan_is_made_once_per_structure(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _count_plans(monkeypatch)
+    opt = pp.optim.adamw(0.01)
+    params = _params()
+    state = opt.init(params)
+    for t in range(3):
+        params, state = opt.step(params, _grads(params, t), state)
+    assert len(made) == 1
+    # another dtype, another shape, a None gradient: each a structure of its own
+    half = {k: v.bfloat16() for k, v in params.items()}
+    opt.step(half, _grads(half, 0), opt.init(half))
+    wide = {"w": torch.ones(7, 6), "b": torch.ones(5)}
+    opt.step(wide, _grads(wide, 0), opt.init(wide))
+    opt.step(params, {"w": _grads(params, 0)["w"], "b": None}, state)
+    assert len(made) == 4
+    opt.step(params, _grads(params, 9), state)  # the first structure again: kept
+    assert len(made) == 4
+    # an equal optimizer keeps its own plans; the plans never leak into equality
+    assert pp.optim.adamw(0.01) == opt and hash(pp.optim.adamw(0.01)) == hash(opt)
+
+
+def test_the_kept_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    opt = pp.optim.sgd(0.1)
+    for n in range(1, _engine._MAX_PLANS + 5):
+        params = {"w": torch.ones(n)}
+        opt.step(params, {"w": torch.ones(n)}, opt.init(params))
+    assert len(opt._plans) == _engine._MAX_PLANS
+
+
+def test_the_common_step_is_fused_and_pure(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    kernel = _fused.adam_
+    monkeypatch.setattr(_fused, "adam_", lambda *a, **k: (calls.append(1), kernel(*a, **k))[1])
+    opt = pp.optim.adamw(0.01)
+    params = _params()
+    state = opt.init(params)
+    grads = _grads(params, 0)
+    watched = [*params.values(), *grads.values(), *state.exp_avg.values(), state.step]
+    versions = [t._version for t in watched]
+    new, new_state = opt.step(params, grads, state, grads_finite=torch.tensor(True))
+    assert calls == [1]  # one launch for the whole dict
+    assert [t._version for t in watched] == versions
+    assert all(not torch.equal(new[k], params[k]) for k in params)
+    assert int(new_state.step) == 1 and int(state.step) == 0
+
+
+def _mixed_tree() -> tuple[Any, Any]:
+    """Float32 and bfloat16 leaves (one with a master copy), a frozen leaf, an int leaf."""
+    gen = torch.Generator().manual_seed(3)
+    params = {
+        "layer": {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)},
+        "head": torch.randn(3, 2, generator=gen).bfloat16(),
+        "frozen": torch.randn(2, generator=gen),
+        "count": torch.tensor(4),
+    }
+    grads = {
+        "layer": {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)},
+        "head": torch.randn(3, 2, generator=gen).bfloat16(),
+        "frozen": None,
+        "count": None,
+    }
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [pp.optim.adamw(0.01), pp.optim.sgd(0.1, momentum=0.9, nesterov=True)],
+    ids=["adamw", "sgd"],
+)
+def test_several_groups_give_the_plain_paths_numbers(
+    opt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params, grads = _mixed_tree()
+    launches: list[int] = []
+    for name in ("adam_", "sgd_"):
+        kernel = getattr(_fused, name)
+        monkeypatch.setattr(
+            _fused, name, lambda *a, _k=kernel, **k: (launches.append(len(a[0])), _k(*a, **k))[1]
+        )
+
+    def run(fuse: bool) -> tuple[Any, Any]:
+        with pytest.MonkeyPatch.context() as mp:
+            if not fuse:
+                mp.setattr(_fused, "may_fuse", lambda tensors: False)
+            p, s = params, opt.init(params)
+            for t in range(4):
+                p, s = opt.step(p, grads, s, grads_finite=torch.tensor(t != 2))
+            return p, s
+
+    fused, fused_state = run(True)
+    assert launches == [3, 3, 3, 3]  # one group: the bf16 head works in float32 too
+    plain, plain_state = run(False)
+    assert fused["count"] is params["count"] and fused["frozen"] is params["frozen"]
+    assert fused["head"].dtype == torch.bfloat16 and fused_state.master["head"].dtype == (
+        torch.float32
+    )
+    for a, b in zip(
+        pp._tree.tree_leaves((fused, fused_state)),
+        pp._tree.tree_leaves((plain, plain_state)),
+        strict=True,
+    ):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+        else:
+            assert torch.equal(a, b)
+    assert int(fused_state.step) == 3 and int(fused_state.skips) == 1
+
+
+def test_recorded_parameters_take_plain_ops() -> None:
+    # autograd records through the parameters: torch's in-place kernels would break the graph
+    opt = pp.optim.sgd(0.1, momentum=0.9)
+    params = {k: v.requires_grad_() for k, v in _params().items()}
+    new, state = opt.step(params, _grads(params, 0), opt.init(params))
+    assert new["w"].grad_fn is not None and int(state.step) == 1
+
+
+def test_other_keys_in_grads_are_refused() -> None:
+    opt = pp.optim.sgd(0.1)
+    params = _params()
+    grads = {"w": torch.ones(7, 5), "c": torch.ones(5)}
+    with pytest.raises(ValueError, match="structure of params"):
+        opt.step(params, grads, opt.init(params))
+
+
+def test_params_come_back_in_their_key_order_whatever_the_grads_order() -> None:
+    opt = pp.optim.adamw(0.01)
+    params = _params()
+    grads = dict(reversed(list(_grads(params, 0).items())))
+    new, state = opt.step(params, grads, opt.init(params))
+    assert list(new) == list(params) == list(state.exp_avg)
