@@ -874,6 +874,8 @@ TABLE_ELSEWHERE = {
     "optim.[A-Z]*": "tests/test_optim_errors.py: the optimizers' settings, init, step, states",
     "optim.adam*": "tests/test_optim_errors.py: OPTIONS",
     "optim.sgd*": "tests/test_optim_errors.py: OPTIONS and STEPS (sgd is the class SGD)",
+    "optim.partition": "tests/test_optim_errors.py: GROUPS",
+    "optim.warmup_*": "tests/test_optim_errors.py: GROUPS",
 }
 
 

@@ -233,6 +233,133 @@ def test_bad_step_arguments(
     _check(call, exc, fragments)
 
 
+# --- partition and schedules ------------------------------------------------------------------
+
+
+def _two(labels: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        opt = pp.optim.partition({"a": sgd(0.1), "b": adamw()}, labels)
+        return opt.init({"w": torch.ones(2, 2), "b": torch.ones(2)})
+
+    return call
+
+
+def _partition_step(**changes: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        opt = pp.optim.partition(
+            {"a": sgd(0.1), "b": adamw()}, lambda p, x: "a" if p == "w" else "b"
+        )
+        params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+        args: dict[str, Any] = {"params": params, "grads": params, "state": opt.init(params)}
+        args.update(changes)
+        return opt.step(args.pop("params"), args.pop("grads"), args.pop("state"), **args)
+
+    return call
+
+
+GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
+    (
+        "optimizers not a dict",
+        lambda: pp.optim.partition([sgd(0.1)], lambda p, x: "a"),  # type: ignore[arg-type]
+        TypeError,
+        ["optimizers", "dict from label"],
+    ),
+    ("no optimizers", lambda: pp.optim.partition({}, lambda p, x: "a"), TypeError, ["non-empty"]),
+    (
+        "a torch optimizer",
+        lambda: pp.optim.partition({"a": torch.optim.SGD}, lambda p, x: "a"),  # type: ignore[dict-item]
+        TypeError,
+        ["optimizers['a']", "polprec optimizer"],
+    ),
+    (
+        "a label not a str",
+        lambda: pp.optim.partition({0: sgd(0.1)}, lambda p, x: 0),  # type: ignore[dict-item]
+        TypeError,
+        ["labels of optimizers must be str", "0"],
+    ),
+    (
+        "an unknown label from the function",
+        _two(lambda p, x: "c"),
+        ValueError,
+        ["'c'", "parameter", "['a', 'b']"],
+    ),
+    (
+        "an unknown label in the tree",
+        _two({"w": "a", "b": "decay"}),
+        ValueError,
+        ["'decay'", "parameter b", "['a', 'b']"],
+    ),
+    ("labels tree of other keys", _two({"w": "a"}), ValueError, ["labels", "missing in labels"]),
+    (
+        "labels as the module",
+        _two(torch.nn.Linear(2, 2)),
+        TypeError,
+        ["labels must be a tree", "Linear"],
+    ),
+    (
+        "a single optimizer's state",
+        _partition_step(state=sgd(0.1).init({"w": torch.ones(2, 2)})),
+        TypeError,
+        ["PartitionState", "SGDState"],
+    ),
+    (
+        "a state of other labels",
+        lambda: pp.optim.partition({"a": sgd(0.1), "c": adamw()}, lambda p, x: "a").step(
+            {"w": torch.ones(2)},
+            {"w": torch.ones(2)},
+            pp.optim.partition({"a": sgd(0.1), "b": adamw()}, lambda p, x: "a").init(
+                {"w": torch.ones(2)}
+            ),
+        ),
+        ValueError,
+        ["['a', 'b']", "['a', 'c']", "init(params)"],
+    ),
+    ("partition lr_scale negative", _partition_step(lr_scale=-1.0), ValueError, ["lr_scale"]),
+    ("partition donate not bool", _partition_step(donate="no"), TypeError, ["donate"]),
+    (
+        "from a torch state dict that is none",
+        lambda: pp.optim.partition({"a": sgd(0.1)}, lambda p, x: "a").from_torch_state_dict(
+            {"state": {}}, {"w": torch.ones(2)}
+        ),
+        TypeError,
+        ["state_dict", "'param_groups'"],
+    ),
+    (
+        "cosine warm-up past the end",
+        lambda: pp.optim.warmup_cosine(10, 5),
+        ValueError,
+        ["total_steps (5)", "warmup_steps (10)"],
+    ),
+    (
+        "cosine floor above 1",
+        lambda: pp.optim.warmup_cosine(1, 5, min_factor=2.0),
+        ValueError,
+        ["min_factor", "[0, 1]", "2.0"],
+    ),
+    ("cosine steps a float", lambda: pp.optim.warmup_cosine(1.5, 5), TypeError, ["warmup_steps"]),  # type: ignore[arg-type]
+    ("linear negative steps", lambda: pp.optim.warmup_linear(0, -1), ValueError, ["total_steps"]),
+    (
+        "a schedule given a step vector",
+        lambda: pp.optim.warmup_linear(1, 5)(torch.ones(2)),
+        TypeError,
+        ["0-dim", "(2,)"],
+    ),
+    (
+        "a schedule given a negative step",
+        lambda: pp.optim.warmup_linear(1, 5)(-1),
+        ValueError,
+        ["step"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "fragments"), GROUPS, ids=[s[0] for s in GROUPS])
+def test_bad_partition_and_schedule_arguments(
+    what: str, call: Callable[[], Any], exc: type[Exception], fragments: list[str]
+) -> None:
+    _check(call, exc, fragments)
+
+
 def test_complex_parameters_with_gradients_are_refused() -> None:
     params = {"z": torch.ones(2, dtype=torch.complex64)}
     opt = sgd(0.1)

@@ -9,6 +9,9 @@ the learning rate, or a factor of it (``lr_scale=``), as a tensor for schedules 
 ``torch.compile``. In eager mode the update runs on torch's fused kernels with the skip folded
 in; under ``vmap``, ``torch.func.grad`` and ``torch.compile`` it runs in plain tensor ops.
 
+:func:`partition` gives each parameter group its own optimizer (AdamW that decays 2-D weights
+only); :func:`warmup_cosine` and :func:`warmup_linear` are schedules of the step count.
+
 The precision options ``master_weights``, ``state_dtype``, ``rounding="stochastic"`` and
 ``kahan`` keep 16-bit parameters training like float32 ones.
 
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 from polprec.optim._adam import Adam, adam, adamw
 from polprec.optim._base import Optimizer
+from polprec.optim._partition import Partition, partition
+from polprec.optim._schedules import WarmupCosine, WarmupLinear, warmup_cosine, warmup_linear
 from polprec.optim._sgd import SGD, sgd
-from polprec.optim._states import AdamState, OptState, SGDState
+from polprec.optim._states import AdamState, OptState, PartitionState, SGDState
 from polprec.optim._torch import step_torch
 
 __all__ = [
@@ -40,9 +45,16 @@ __all__ = [
     "AdamState",
     "OptState",
     "Optimizer",
+    "Partition",
+    "PartitionState",
     "SGDState",
+    "WarmupCosine",
+    "WarmupLinear",
     "adam",
     "adamw",
+    "partition",
     "sgd",
     "step_torch",
+    "warmup_cosine",
+    "warmup_linear",
 ]
