@@ -784,6 +784,15 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("cast_forward_inputs-yes",
              lambda: pp.to_fsdp_mixed_precision("bf16-mixed", cast_forward_inputs="yes"),  # type: ignore[arg-type]
              TypeError, "cast_forward_inputs must be a bool, got 'yes'"),
+        case("root-1", lambda: pp.to_fsdp_mixed_precision("bf16-mixed", root=1),  # type: ignore[arg-type]
+             TypeError, "root must be a bool, got 1"),
+        case("reduce_dtype-fp8", lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype="fp8"),
+             ValueError, "reduce_dtype: unknown dtype name 'fp8'; accepted names are", "bf16"),
+        case("reduce_dtype-int32",
+             lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype=torch.int32),
+             ValueError, "reduce_dtype: dtype torch.int32 is not supported", "torch.float32"),
+        case("reduce_dtype-32", lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype=32),  # type: ignore[arg-type]
+             TypeError, "reduce_dtype: expected a torch.dtype or a dtype name, got 32 of type int"),
     ],
     # --- polprec.optim (the optimizers' own table is tests/test_optim_errors.py) ---------
     "optim.step_torch": [
