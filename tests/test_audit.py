@@ -15,6 +15,8 @@ import dataclasses
 import inspect
 import math
 import re
+import tempfile
+import warnings
 from collections.abc import Callable
 from fnmatch import fnmatch
 from typing import Any
@@ -114,6 +116,64 @@ def _uninitialised(call: Callable[[], Any]) -> Callable[[], Any]:
 
 def _group_match(group: Any) -> str:
     return rf"must be a torch.distributed.ProcessGroup.*got {group!r}".replace("[", r"\[")
+
+
+def _one_rank(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` inside a one-rank gloo default group (DDP and FSDP need one), torn down after."""
+
+    def run() -> Any:
+        with tempfile.TemporaryDirectory() as scratch:
+            dist.init_process_group(
+                "gloo", init_method=f"file://{scratch}/store", rank=0, world_size=1
+            )
+            try:
+                return call()
+            finally:
+                dist.destroy_process_group()
+
+    return run
+
+
+def _wrapped(wrap: Callable[[nn.Module], nn.Module]) -> Callable[[], Any]:
+    """``apply_with_policy`` on an MLP that ``wrap`` wrapped, in a one-rank group."""
+
+    def call() -> Any:
+        with warnings.catch_warnings():  # FSDP1 on one rank: "switching to use NO_SHARD"
+            warnings.filterwarnings("ignore", "FSDP is switching", UserWarning)
+            model = wrap(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        return pp.apply_with_policy(model, params, torch.ones(1, 3), policy="bf16-mixed")
+
+    return _one_rank(call)
+
+
+def _fully_shard_all(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        fully_shard(layer, mp_policy=pp.to_fsdp_mixed_precision("bf16-mixed", root=False))
+    return fully_shard(model, mp_policy=pp.to_fsdp_mixed_precision("bf16-mixed"))
+
+
+def _fully_shard_layer(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[1])
+    return model
+
+
+def _fsdp1(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+_WRAPPED_ROUTES = (
+    "(a) DTensor params",
+    "(b) torch's module route",
+    "pp.unscale_and_check, pp.clip_by_global_norm",
+    "step(..., donate=True)",
+)
 
 
 def _unmatched_rule() -> Any:
@@ -623,6 +683,16 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("tuple-of-dicts-twice",
              lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
              ValueError, "['bias', 'weight'] appear in more than one"),
+        case("ddp-module", _wrapped(lambda m: nn.parallel.DistributedDataParallel(m)), TypeError,
+             "got a DistributedDataParallel module: DDP averages gradients", *_WRAPPED_ROUTES),
+        case("fsdp2-module", _wrapped(_fully_shard_all), TypeError,
+             "got an FSDP2 module (fully_shard) (FSDPSequential)", "every gradient would be zero",
+             *_WRAPPED_ROUTES),
+        case("fsdp2-layer", _wrapped(_fully_shard_layer), TypeError,
+             "got a Sequential whose submodule '1' is an FSDP2 module (fully_shard)",
+             *_WRAPPED_ROUTES),
+        case("fsdp1-module", _wrapped(_fsdp1), TypeError,
+             "got a FullyShardedDataParallel (FSDP1) module: FSDP all-gathers", *_WRAPPED_ROUTES),
     ],
     "autocast": [
         case("policy-nope", lambda: pp.autocast("nope"), ValueError, "'nope'"),

@@ -1,8 +1,9 @@
-"""FSDP2 policies per layer and for the root, on real gloo processes (``helpers.spawn``).
+"""Modules wrapped by torch's engine, and FSDP2 policies per layer and for the root.
 
-``to_fsdp_mixed_precision(root=False)`` on a transformer's layers and the default one on its
-root: activations in the compute dtype between the layers, the output dtype out of the root,
-gradients reduced in float32 unless asked otherwise.
+On real gloo processes (``helpers.spawn``): ``apply_with_policy`` refuses FSDP2 and DDP
+modules (their hooks would ignore the tensors it is given: zero or un-averaged gradients);
+``to_fsdp_mixed_precision(root=False)`` on a transformer's layers and the default one on
+its root. The single-process refusals are also in test_audit.py's tables.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn
+from helpers import seeded_mlp, spawn
 from torch import nn
 
 import polprec as pp
@@ -46,6 +47,99 @@ def _tiny_gpt(dtype: torch.dtype) -> _TinyGPT:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return _TinyGPT().to(dtype)
+
+
+# --- apply_with_policy refuses wrapped modules ---------------------------------------------
+
+
+def _attempts(model: nn.Module) -> dict[str, str | None]:
+    """Each way of running ``model`` through polprec: its TypeError message, or None."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 8)
+
+    def loss(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return pp.apply_with_policy(model, p, x, policy="bf16-mixed").float().sum()
+
+    rules = pp.PolicyRules("bf16-mixed", {nn.GELU: "32-true"})
+    calls: dict[str, Callable[[], Any]] = {
+        "eager": lambda: pp.apply_with_policy(model, params, x, policy="bf16-mixed"),
+        "rules": lambda: pp.apply_with_policy(model, params, x, policy=rules),
+        "value_and_grad": lambda: pp.value_and_grad(loss)(params, x, loss_scale=pp.NoOpLossScale()),
+        "grad": lambda: torch.func.grad(loss)(params, x),
+        "vmap": lambda: torch.func.vmap(
+            lambda xi: pp.apply_with_policy(model, params, xi, policy="bf16-mixed")
+        )(x),
+    }
+    out: dict[str, str | None] = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except TypeError as err:
+            out[name] = str(err)
+        else:
+            out[name] = None
+    return out
+
+
+def _refusal_worker(rank: int, _: Any) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    mp = pp.to_fsdp_mixed_precision("bf16-mixed")
+    inner = pp.to_fsdp_mixed_precision("bf16-mixed", root=False)
+    out: dict[str, Any] = {"plain": _attempts(seeded_mlp(8, 16, 4))}
+
+    sharded = seeded_mlp(8, 16, 4)
+    for layer in (sharded[0], sharded[2]):
+        fully_shard(layer, mp_policy=inner)
+    out["fsdp_layers"] = _attempts(sharded)  # the root is not sharded itself
+    fully_shard(sharded, mp_policy=mp)
+    out["fsdp_root"] = _attempts(sharded)
+    out["ddp"] = _attempts(DistributedDataParallel(seeded_mlp(8, 16, 4)))
+
+    # Wrapped after a first call that was accepted: the kept verdict is not reused.
+    late = seeded_mlp(8, 16, 4)
+    out["late_fsdp_before"] = _attempts(late)["eager"]
+    fully_shard(late[2], mp_policy=inner)
+    out["late_fsdp"] = _attempts(late)["eager"]
+    outer = nn.Sequential(seeded_mlp(8, 16, 4))
+    out["late_ddp_before"] = _attempts(outer)["eager"]
+    outer[0] = DistributedDataParallel(seeded_mlp(8, 16, 4))
+    out["late_ddp"] = _attempts(outer)["eager"]
+    return out
+
+
+_ROUTES = (
+    "(a) DTensor params",
+    "distribute_tensor(p, mesh, [Replicate()]) for DDP, [Shard(0)] for FSDP",
+    "(b) torch's module route",
+    "pp.to_fsdp_mixed_precision(policy)",
+    "pp.unscale_and_check",
+    "pp.clip_by_global_norm",
+    "step(..., donate=True)",
+    ".grad tensors",
+)
+
+
+@pytest.mark.slow
+def test_apply_with_policy_refuses_fsdp2_and_ddp_modules(tmp_path: Path) -> None:
+    for r in spawn(_refusal_worker, tmp_path, None):
+        assert r["plain"] == dict.fromkeys(r["plain"])  # an unwrapped module runs every way
+        assert r["late_fsdp_before"] is None and r["late_ddp_before"] is None
+        expected = {
+            "fsdp_layers": "got a Sequential whose submodule '0' is an FSDP2 module (fully_shard)",
+            "fsdp_root": "got an FSDP2 module (fully_shard) (FSDPSequential): FSDP all-gathers",
+            "ddp": "got a DistributedDataParallel module: DDP averages gradients",
+        }
+        for case, start in expected.items():
+            assert set(r[case]) == {"eager", "rules", "value_and_grad", "grad", "vmap"}
+            for how, message in r[case].items():
+                assert message is not None, (case, how)
+                assert start in message, (case, how, message)
+                for route in _ROUTES:
+                    assert route in message, (case, how, route)
+        assert "submodule '2' is an FSDP2 module" in r["late_fsdp"]
+        assert "submodule '0' is a DistributedDataParallel module" in r["late_ddp"]
 
 
 # --- to_fsdp_mixed_precision on a transformer's layers and root ----------------------------
