@@ -168,11 +168,31 @@ def _fsdp1(model: nn.Module) -> nn.Module:
     return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
 
 
+def _dcp_load_into(state: Any) -> Callable[[], Any]:
+    """``torch.distributed.checkpoint.load`` handed ``state`` itself, in one process."""
+
+    def run() -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        with tempfile.TemporaryDirectory() as path, warnings.catch_warnings():
+            # DCP without a process group says it assumes a single process.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.save({"state": state}, checkpoint_id=path)  # saving the object works
+            dcp.load({"state": state}, checkpoint_id=path)
+
+    return _uninitialised(run)
+
+
 _WRAPPED_ROUTES = (
     "(a) DTensor params",
     "(b) torch's module route",
     "pp.unscale_and_check, pp.clip_by_global_norm",
     "step(..., donate=True)",
+)
+_DCP_PATTERN = (
+    "drops the new state it returns",
+    "sd = {'opt_state': opt_state.state_dict()}; dcp.load(sd, checkpoint_id=path); "
+    "opt_state = opt_state.load_state_dict(sd['opt_state'])",
 )
 
 
@@ -461,6 +481,25 @@ BAD_INPUT: dict[str, list[Case]] = {
              ValueError, "unknown keys ['bogus']; expected keys ['loss_scale', 'type']"),
         case("list", lambda: pp.StaticLossScale.from_state_dict([]),  # type: ignore[arg-type]
              TypeError, "got list; pass the output of state_dict()"),
+    ],
+    "NoOpLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.NoOpLossScale()), TypeError,
+             "torch.distributed.checkpoint.load was given a polprec NoOpLossScale itself",
+             *_DCP_PATTERN),
+        case("list", lambda: pp.NoOpLossScale().load_state_dict([]),  # type: ignore[arg-type]
+             TypeError, "state_dict must be a mapping, got list"),
+    ],
+    "StaticLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.StaticLossScale(4.0)), TypeError,
+             "was given a polprec StaticLossScale itself", *_DCP_PATTERN),
+        case("dynamic-dict", lambda: pp.StaticLossScale(2).load_state_dict(DLS.state_dict()),
+             ValueError, "state_dict is of a DynamicLossScale, not a StaticLossScale"),
+    ],
+    "DynamicLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.DynamicLossScale(8.0, 3)), TypeError,
+             "was given a polprec DynamicLossScale itself", *_DCP_PATTERN),
+        case("missing-key", lambda: DLS.load_state_dict(_without(DLS.state_dict(), "counter")),
+             ValueError, "missing keys ['counter']"),
     ],
     "DynamicLossScale": [
         _dynamic("loss_scale--1.0", {"loss_scale": -1.0}, ValueError, "-1.0"),
@@ -945,7 +984,6 @@ NO_TABLE = {
     "*LossScale.scale": "any tree; only floating tensor leaves are scaled",
     "*LossScale.unscale": "any tree; only floating tensor leaves are unscaled",
     "Policy.cast_to_*": "any tree; only floating tensor leaves are cast",
-    "*LossScale.load_state_dict": "from_state_dict of the same class checks the dict",
     "*LossScale.to": "torch.device parses the device (torch's error lists the device types)",
 }
 # Public callables whose table lives in another file (fnmatch patterns), and where.

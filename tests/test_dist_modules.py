@@ -1,24 +1,30 @@
-"""Modules wrapped by torch's engine, and FSDP2 policies per layer and for the root.
+"""Modules wrapped by torch's engine, FSDP2 policies per layer, distributed checkpoints.
 
 On real gloo processes (``helpers.spawn``): ``apply_with_policy`` refuses FSDP2 and DDP
 modules (their hooks would ignore the tensors it is given: zero or un-averaged gradients);
 ``to_fsdp_mixed_precision(root=False)`` on a transformer's layers and the default one on
-its root. The single-process refusals are also in test_audit.py's tables.
+its root; a checkpoint of params, optimizer and loss-scale states through
+``torch.distributed.checkpoint`` that resumes bit for bit on 2 ranks and in 1 process, and
+a state handed to ``dcp.load`` itself refused. The single-process refusals are also in
+test_audit.py's tables.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import seeded_mlp, spawn
+import torch.distributed.checkpoint as dcp
+from helpers import assert_unchanged, classification_batches, seeded_mlp, snapshot, spawn
 from torch import nn
 
 import polprec as pp
+from polprec import _tree
 from polprec.testing import assert_trees_all_close
 
 # --- models --------------------------------------------------------------------------------
@@ -222,3 +228,169 @@ def test_fsdp2_policy_per_layer_and_root_trains_a_transformer(tmp_path: Path) ->
             assert_trees_all_close(
                 got["grads"], got["reference_grads"], rtol=0.05, atol=0.05 * scale
             )
+
+
+# --- distributed checkpoints ---------------------------------------------------------------
+
+_STEPS, _SAVE_AT, _OVERFLOWS = 6, 2, (1, 4)
+_OPT = pp.optim.adamw(1e-2, master_weights=True, rounding="stochastic")
+_SEED = 5
+
+
+def _fresh_scale() -> pp.DynamicLossScale:
+    return pp.DynamicLossScale(2.0**4, period=2)
+
+
+def _training() -> tuple[Callable[..., Any], list[Any], Any]:
+    """The step, the batches (non-finite at ``_OVERFLOWS``) and the initial bf16 params."""
+    model = seeded_mlp(8, 16, 4).to(torch.bfloat16)
+
+    def loss_fn(params: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = pp.apply_with_policy(model, params, x, policy="bf16-true")
+        return nn.functional.cross_entropy(logits, y)
+
+    step_grad = pp.value_and_grad(loss_fn)
+
+    def step(state: dict[str, Any], batch: Any) -> dict[str, Any]:
+        _, grads, finite, loss_scale = step_grad(state["params"], *batch, loss_scale=state["ls"])
+        params, opt_state = _OPT.step(state["params"], grads, state["opt"], grads_finite=finite)
+        return {"params": params, "opt": opt_state, "ls": loss_scale}
+
+    batches = classification_batches(_STEPS, 8, 8, 4, _OVERFLOWS, bad=(0, 0))
+    return step, batches, {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _run(step: Callable[..., Any], state: dict[str, Any], batches: list[Any]) -> dict[str, Any]:
+    for batch in batches:
+        state = step(state, batch)
+    return state
+
+
+def _template(params: Any) -> dict[str, Any]:
+    """What a resuming job builds before it loads: fresh params and states."""
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    return {"params": zeros, "opt": _OPT.init(zeros), "ls": _fresh_scale()}
+
+
+def _save(state: dict[str, Any], path: str) -> None:
+    dcp.save(
+        {
+            "params": state["params"],
+            "opt": state["opt"].state_dict(),
+            "ls": state["ls"].state_dict(),
+        },
+        checkpoint_id=path,
+    )
+
+
+def _load(path: str) -> dict[str, Any]:
+    """The documented pattern: load into the templates' state dicts, then rebuild."""
+    template = _template(_training()[2])
+    sd = {
+        "params": template["params"],
+        "opt": template["opt"].state_dict(),
+        "ls": template["ls"].state_dict(),
+    }
+    dcp.load(sd, checkpoint_id=path)
+    return {
+        "params": sd["params"],
+        "opt": template["opt"].load_state_dict(sd["opt"]),
+        "ls": template["ls"].load_state_dict(sd["ls"]),
+    }
+
+
+def _as_saved(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "params": state["params"],
+        "opt": state["opt"].state_dict(),
+        "ls": state["ls"].state_dict(),
+    }
+
+
+def _checkpoint_worker(rank: int, root: str) -> dict[str, Any]:
+    step, batches, params = _training()
+    start = {"params": params, "opt": _OPT.init(params, seed=_SEED), "ls": _fresh_scale()}
+    straight = _run(step, start, batches)
+    at_save = _run(step, start, batches[:_SAVE_AT])
+    _save(at_save, os.path.join(root, "dicts"))
+    # The state objects themselves, as DCP's Stateful: saving works (DCP stores state_dict()).
+    dcp.save(
+        {"params": at_save["params"], "opt": at_save["opt"], "ls": at_save["ls"]},
+        checkpoint_id=os.path.join(root, "objects"),
+    )
+    loaded = _load(os.path.join(root, "dicts"))
+    resumed = _run(step, loaded, batches[_SAVE_AT:])
+    refused: dict[str, str] = {}
+    for key in ("opt", "ls"):
+        fresh = _template(params)[key]
+        before = snapshot(fresh)
+        try:
+            dcp.load({key: fresh}, checkpoint_id=os.path.join(root, "objects"))
+        except TypeError as err:
+            refused[key] = str(err)
+        assert_unchanged(fresh, before)  # the fresh state as it was: nothing written into it
+    return {
+        "saved": _as_saved(at_save),
+        "loaded": _as_saved(loaded),
+        "from_objects": _as_saved(_load(os.path.join(root, "objects"))),
+        "straight": _as_saved(straight),
+        "resumed": _as_saved(resumed),
+        "refused": refused,
+    }
+
+
+def _assert_bitwise_equal(actual: Any, expected: Any, what: str) -> None:
+    a_leaves, a_spec = _tree.tree_flatten(actual)
+    e_leaves, e_spec = _tree.tree_flatten(expected)
+    assert a_spec == e_spec, what
+    for a, e in zip(a_leaves, e_leaves, strict=True):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and a.dtype == e.dtype, what
+            assert torch.equal(a, e), what
+        else:
+            assert a == e, what
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """A one-rank gloo default group in this process (a job resumed on 1 rank)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran: the same kernels, the same bits
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_rank_group")
+def test_dcp_checkpoint_of_states_resumes_bit_for_bit_on_2_ranks_and_1(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    results = spawn(_checkpoint_worker, tmp_path, str(ckpt))
+    saved = results[0]["saved"]
+    opt, ls = saved["opt"], saved["ls"]
+    # The checkpoint holds a state worth resuming: an update taken and one skipped, master
+    # weights, the stochastic-rounding seed, a loss scale that has backed off.
+    assert (int(opt["step"]), int(opt["skips"]), int(opt["consecutive_skips"])) == (1, 1, 1)
+    assert int(opt["seed"]) == _SEED and opt["master"]["0.weight"].dtype == torch.float32
+    assert (float(ls["loss_scale"]), int(ls["counter"])) == (8.0, 0)
+    for rank, r in enumerate(results):
+        _assert_bitwise_equal(r["saved"], saved, f"rank {rank}: replicas")
+        _assert_bitwise_equal(r["loaded"], saved, f"rank {rank}: 2 ranks -> 2 ranks")
+        _assert_bitwise_equal(r["from_objects"], saved, f"rank {rank}: objects saved")
+        _assert_bitwise_equal(r["resumed"], r["straight"], f"rank {rank}: resumed run")
+        assert int(r["straight"]["opt"]["skips"]) == 2  # the overflow after the resume
+        for key, kind in [("opt", "AdamState"), ("ls", "DynamicLossScale")]:
+            message = r["refused"][key]
+            assert f"torch.distributed.checkpoint.load was given a polprec {kind} itself" in message
+            assert "opt_state = opt_state.load_state_dict(sd['opt_state'])" in message
+    # The 2-rank checkpoint, loaded and resumed by one process.
+    step, batches, _ = _training()
+    loaded = _load(str(ckpt / "dicts"))
+    _assert_bitwise_equal(_as_saved(loaded), saved, "2 ranks -> 1 process")
+    resumed = _run(step, loaded, batches[_SAVE_AT:])
+    _assert_bitwise_equal(_as_saved(resumed), results[0]["straight"], "resumed in 1 process")
