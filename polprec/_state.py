@@ -5,7 +5,9 @@ child (a tensor that changes from step to step) unless it is declared with
 :func:`static_field` (a setting that never changes). ``vmap``, ``torch.func.grad``,
 ``torch.compile`` and :func:`polprec.stack_trees` see the children as leaves and carry the
 settings through every flatten/unflatten, unlike jmp's states. The same declaration drives
-``to(device)`` and the state-dict round trip.
+``to(device)`` and the state-dict round trip, which is also how a state goes through
+``torch.distributed.checkpoint``: a dict of ``state_dict()``s saves and loads (the loaded dict
+rebuilt with ``load_state_dict``); a state handed to ``dcp.load`` itself is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any, TypeVar
 
 import torch
@@ -163,5 +166,47 @@ class State:
         return cls(**{k: state_dict[k] for k in fields})
 
     def load_state_dict(self: _S, state_dict: Mapping[str, Any]) -> _S:
-        """A new state built from ``state_dict`` (this one is unchanged)."""
+        """A new state built from ``state_dict`` (this one is unchanged).
+
+        ``torch.distributed.checkpoint`` loads into ``state.state_dict()`` (a dict of
+        ``state_dict()``s is what it saves and loads); this rebuilds the state from the loaded
+        dict.
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping; or ``torch.distributed.checkpoint.load``
+                was handed this state itself and calls this, which would drop the new state.
+            ValueError: ``state_dict`` is of another state class, or has missing or unknown
+                keys.
+        """
+        _refuse_dcp_load(self, inspect.currentframe())
         return type(self).from_state_dict(state_dict)
+
+
+def _refuse_dcp_load(state: State, frame: FrameType | None) -> None:
+    """Raise a ``TypeError`` when ``frame``'s caller is ``torch.distributed.checkpoint``.
+
+    DCP takes any object with ``state_dict`` and ``load_state_dict`` for its ``Stateful``
+    protocol: ``dcp.save`` saves ``state_dict()`` (which works: the checkpoint is the one the
+    dict pattern writes), and ``dcp.load`` loads into a fresh ``state_dict()`` and hands the
+    result to ``load_state_dict``, whose return value it drops, expecting the object to have
+    changed itself. A polprec state is immutable, so the object would keep its fresh values
+    in silence. Making it change instead would need ``state_dict()`` to hand out the state's
+    own tensors for DCP to overwrite, which writes into every state sharing them (a state
+    and the one ``step`` or ``adjust`` returned share the tensors a step leaves as they
+    are), and still misses what DCP replaces rather than overwrites (settings, tuples in
+    the tree). The state-dict pattern costs one line and works with any number of ranks.
+    """
+    caller = frame.f_back if frame is not None else None
+    module = str(caller.f_globals.get("__name__", "")) if caller is not None else ""
+    if not module.startswith("torch.distributed.checkpoint"):
+        return
+    kind = type(state).__name__
+    raise TypeError(
+        f"torch.distributed.checkpoint.load was given a polprec {kind} itself: it calls "
+        f"{kind}.load_state_dict and drops the new state it returns (polprec states are "
+        "immutable), so the object would keep its fresh values. Load into its state_dict() "
+        "and rebuild the state from that: sd = {'opt_state': opt_state.state_dict()}; "
+        "dcp.load(sd, checkpoint_id=path); opt_state = opt_state.load_state_dict("
+        "sd['opt_state']). (Saving the state object itself works: dcp.save stores its "
+        "state_dict(), which that pattern loads.)"
+    )

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _fused, _tree
+from polprec import _checkpointing, _context, _fused, _tree, _wrapped
 from polprec._catalogue import HALF_DTYPES
 from polprec._islands import apply_rules
 from polprec.policy import Policy, PolicySpec, get_policy
@@ -203,6 +203,7 @@ def apply_with_policy(
     Raises:
         TypeError, ValueError: bad arguments, names that are no parameter or buffer of
             ``module``, different tensors under tied names.
+        TypeError: ``module`` is, or contains, a DDP or FSDP2 module (torch's module route).
         RuntimeError: the module uses ``torch.utils.checkpoint`` on parameters other than
             its own.
 
@@ -216,6 +217,7 @@ def apply_with_policy(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    _wrapped.refuse_wrapped(module)  # FSDP2/DDP modules would ignore params_and_buffers
     if not isinstance(params_and_buffers, Mapping | tuple):
         raise TypeError(
             "params_and_buffers must be a dict of tensors by name (or a tuple of dicts), got "

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from polprec import _fused
+from polprec._catalogue import HALF_DTYPES
 from polprec._checks import check_grads_finite
-from polprec.policy import PolicySpec, get_policy
+from polprec.policy import PolicySpec, get_policy, parse_dtype
 
 if dist.is_available():  # the functional collectives that torch.compile traces
     from torch.distributed import _functional_collectives as funcol
@@ -117,43 +118,73 @@ def _mixed_precision_policy_class() -> type[MixedPrecisionPolicy]:
 
 
 def to_fsdp_mixed_precision(
-    policy: PolicySpec = None, *, cast_forward_inputs: bool = True
+    policy: PolicySpec = None,
+    *,
+    reduce_dtype: torch.dtype | str | None = None,
+    root: bool = True,
+    cast_forward_inputs: bool = True,
 ) -> MixedPrecisionPolicy:
     """The FSDP2 ``MixedPrecisionPolicy`` that carries out ``policy``.
 
     ``param_dtype`` (FSDP's dtype of the unsharded parameters, hence of forward and
-    backward compute) is the policy's compute dtype; ``reduce_dtype`` (the gradient
-    reduce-scatter) is the policy's parameter dtype, so gradients are summed in the dtype
-    they are stored in; ``output_dtype`` is the policy's output dtype. The dtypes are always
-    given explicitly, so the policy is honoured even for a module whose parameters are not
-    yet in its parameter dtype; FSDP itself skips the casts that would not change anything.
-    Cast the module to the parameter dtype before ``fully_shard`` (``module.to(
-    policy.param_dtype)``): the sharded parameters keep the dtype they have.
+    backward compute) is the policy's compute dtype. ``reduce_dtype`` (the gradient
+    reduce-scatter) is float32 for 16-bit parameters, as torchtitan does: a sum of 16-bit
+    gradients over many ranks loses their low bits, and FSDP casts the reduced gradient back
+    to the parameter's dtype afterwards. Other parameters reduce in their own dtype (float64
+    parameters in float64). ``output_dtype`` is the policy's output dtype on the root module
+    only: give ``root=False`` for the layers sharded inside it, so that they hand each other
+    activations in the compute dtype (with float32 between the layers, a module of the root
+    such as a final ``LayerNorm`` in the compute dtype would get float32 inputs, which
+    torch's CPU kernels refuse). The dtypes are always given explicitly, so the policy is
+    honoured even for a module whose parameters are not yet in its parameter dtype; FSDP
+    itself skips the casts that would not change anything. Cast the module to the parameter
+    dtype before ``fully_shard`` (``module.to(policy.param_dtype)``): the sharded parameters
+    keep the dtype they have.
 
     Unlike :func:`polprec.apply_with_policy` under autocast, FSDP casts the whole module,
     normalisation layers included, to the compute dtype.
 
     Args:
         policy: a :class:`~polprec.Policy` or any spec :func:`~polprec.get_policy` accepts.
+        reduce_dtype: the dtype gradients are reduced in (a ``torch.dtype`` or a name such as
+            ``"bf16"``); ``None``: float32 for 16-bit parameters, else the parameter dtype.
+        root: whether the policy is for the root module, the one ``fully_shard`` is called on
+            last (``output_dtype`` is the policy's output dtype), or for a layer inside it
+            (``output_dtype=None``: outputs stay in the compute dtype).
         cast_forward_inputs: passed on; whether FSDP casts floating forward inputs to the
             compute dtype (polprec's rule, hence the default).
 
     Raises:
-        TypeError: ``cast_forward_inputs`` is not a bool.
-        ValueError: ``policy`` is not a valid spec.
+        TypeError: ``root`` or ``cast_forward_inputs`` is not a bool, or ``reduce_dtype`` is
+            neither a dtype nor a name.
+        ValueError: ``policy`` is not a valid spec, or ``reduce_dtype`` names no floating
+            dtype.
         RuntimeError: this build of torch has no FSDP2 (``MixedPrecisionPolicy``).
 
     Examples:
-        >>> mp = to_fsdp_mixed_precision("16-mixed")
+        >>> mp = to_fsdp_mixed_precision("bf16-true")
         >>> mp.param_dtype, mp.reduce_dtype, mp.output_dtype
-        (torch.float16, torch.float32, torch.float32)
+        (torch.bfloat16, torch.float32, torch.float32)
+        >>> to_fsdp_mixed_precision("bf16-true", root=False).output_dtype is None
+        True
+        >>> to_fsdp_mixed_precision("bf16-true", reduce_dtype="bf16").reduce_dtype
+        torch.bfloat16
     """
     policy = get_policy(policy)
-    if not isinstance(cast_forward_inputs, bool):
-        raise TypeError(f"cast_forward_inputs must be a bool, got {cast_forward_inputs!r}")
+    for name, value in (("root", root), ("cast_forward_inputs", cast_forward_inputs)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if reduce_dtype is None:
+        half = policy.param_dtype in HALF_DTYPES
+        reduce_dtype = torch.float32 if half else policy.param_dtype
+    else:
+        try:
+            reduce_dtype = parse_dtype(reduce_dtype)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"reduce_dtype: {err}") from None
     return _mixed_precision_policy_class()(
         param_dtype=policy.compute_dtype,
-        reduce_dtype=policy.param_dtype,
-        output_dtype=policy.output_dtype,
+        reduce_dtype=reduce_dtype,
+        output_dtype=policy.output_dtype if root else None,
         cast_forward_inputs=cast_forward_inputs,
     )

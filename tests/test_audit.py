@@ -15,6 +15,8 @@ import dataclasses
 import inspect
 import math
 import re
+import tempfile
+import warnings
 from collections.abc import Callable
 from fnmatch import fnmatch
 from typing import Any
@@ -114,6 +116,84 @@ def _uninitialised(call: Callable[[], Any]) -> Callable[[], Any]:
 
 def _group_match(group: Any) -> str:
     return rf"must be a torch.distributed.ProcessGroup.*got {group!r}".replace("[", r"\[")
+
+
+def _one_rank(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` inside a one-rank gloo default group (DDP and FSDP need one), torn down after."""
+
+    def run() -> Any:
+        with tempfile.TemporaryDirectory() as scratch:
+            dist.init_process_group(
+                "gloo", init_method=f"file://{scratch}/store", rank=0, world_size=1
+            )
+            try:
+                return call()
+            finally:
+                dist.destroy_process_group()
+
+    return run
+
+
+def _wrapped(wrap: Callable[[nn.Module], nn.Module]) -> Callable[[], Any]:
+    """``apply_with_policy`` on an MLP that ``wrap`` wrapped, in a one-rank group."""
+
+    def call() -> Any:
+        with warnings.catch_warnings():  # FSDP1 on one rank: "switching to use NO_SHARD"
+            warnings.filterwarnings("ignore", "FSDP is switching", UserWarning)
+            model = wrap(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        return pp.apply_with_policy(model, params, torch.ones(1, 3), policy="bf16-mixed")
+
+    return _one_rank(call)
+
+
+def _fully_shard_all(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        fully_shard(layer, mp_policy=pp.to_fsdp_mixed_precision("bf16-mixed", root=False))
+    return fully_shard(model, mp_policy=pp.to_fsdp_mixed_precision("bf16-mixed"))
+
+
+def _fully_shard_layer(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[1])
+    return model
+
+
+def _fsdp1(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+def _dcp_load_into(state: Any) -> Callable[[], Any]:
+    """``torch.distributed.checkpoint.load`` handed ``state`` itself, in one process."""
+
+    def run() -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        with tempfile.TemporaryDirectory() as path, warnings.catch_warnings():
+            # DCP without a process group says it assumes a single process.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.save({"state": state}, checkpoint_id=path)  # saving the object works
+            dcp.load({"state": state}, checkpoint_id=path)
+
+    return _uninitialised(run)
+
+
+_WRAPPED_ROUTES = (
+    "(a) DTensor params",
+    "(b) torch's module route",
+    "pp.unscale_and_check, pp.clip_by_global_norm",
+    "step(..., donate=True)",
+)
+_DCP_PATTERN = (
+    "drops the new state it returns",
+    "sd = {'opt_state': opt_state.state_dict()}; dcp.load(sd, checkpoint_id=path); "
+    "opt_state = opt_state.load_state_dict(sd['opt_state'])",
+)
 
 
 def _unmatched_rule() -> Any:
@@ -402,6 +482,25 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("list", lambda: pp.StaticLossScale.from_state_dict([]),  # type: ignore[arg-type]
              TypeError, "got list; pass the output of state_dict()"),
     ],
+    "NoOpLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.NoOpLossScale()), TypeError,
+             "torch.distributed.checkpoint.load was given a polprec NoOpLossScale itself",
+             *_DCP_PATTERN),
+        case("list", lambda: pp.NoOpLossScale().load_state_dict([]),  # type: ignore[arg-type]
+             TypeError, "state_dict must be a mapping, got list"),
+    ],
+    "StaticLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.StaticLossScale(4.0)), TypeError,
+             "was given a polprec StaticLossScale itself", *_DCP_PATTERN),
+        case("dynamic-dict", lambda: pp.StaticLossScale(2).load_state_dict(DLS.state_dict()),
+             ValueError, "state_dict is of a DynamicLossScale, not a StaticLossScale"),
+    ],
+    "DynamicLossScale.load_state_dict": [
+        case("dcp-load", _dcp_load_into(pp.DynamicLossScale(8.0, 3)), TypeError,
+             "was given a polprec DynamicLossScale itself", *_DCP_PATTERN),
+        case("missing-key", lambda: DLS.load_state_dict(_without(DLS.state_dict(), "counter")),
+             ValueError, "missing keys ['counter']"),
+    ],
     "DynamicLossScale": [
         _dynamic("loss_scale--1.0", {"loss_scale": -1.0}, ValueError, "-1.0"),
         _dynamic("loss_scale--2.0", {"loss_scale": -2.0}, ValueError, "-2.0"),
@@ -623,6 +722,16 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("tuple-of-dicts-twice",
              lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
              ValueError, "['bias', 'weight'] appear in more than one"),
+        case("ddp-module", _wrapped(lambda m: nn.parallel.DistributedDataParallel(m)), TypeError,
+             "got a DistributedDataParallel module: DDP averages gradients", *_WRAPPED_ROUTES),
+        case("fsdp2-module", _wrapped(_fully_shard_all), TypeError,
+             "got an FSDP2 module (fully_shard) (FSDPSequential)", "every gradient would be zero",
+             *_WRAPPED_ROUTES),
+        case("fsdp2-layer", _wrapped(_fully_shard_layer), TypeError,
+             "got a Sequential whose submodule '1' is an FSDP2 module (fully_shard)",
+             *_WRAPPED_ROUTES),
+        case("fsdp1-module", _wrapped(_fsdp1), TypeError,
+             "got a FullyShardedDataParallel (FSDP1) module: FSDP all-gathers", *_WRAPPED_ROUTES),
     ],
     "autocast": [
         case("policy-nope", lambda: pp.autocast("nope"), ValueError, "'nope'"),
@@ -784,6 +893,15 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("cast_forward_inputs-yes",
              lambda: pp.to_fsdp_mixed_precision("bf16-mixed", cast_forward_inputs="yes"),  # type: ignore[arg-type]
              TypeError, "cast_forward_inputs must be a bool, got 'yes'"),
+        case("root-1", lambda: pp.to_fsdp_mixed_precision("bf16-mixed", root=1),  # type: ignore[arg-type]
+             TypeError, "root must be a bool, got 1"),
+        case("reduce_dtype-fp8", lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype="fp8"),
+             ValueError, "reduce_dtype: unknown dtype name 'fp8'; accepted names are", "bf16"),
+        case("reduce_dtype-int32",
+             lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype=torch.int32),
+             ValueError, "reduce_dtype: dtype torch.int32 is not supported", "torch.float32"),
+        case("reduce_dtype-32", lambda: pp.to_fsdp_mixed_precision("bf16-true", reduce_dtype=32),  # type: ignore[arg-type]
+             TypeError, "reduce_dtype: expected a torch.dtype or a dtype name, got 32 of type int"),
     ],
     # --- polprec.optim (the optimizers' own table is tests/test_optim_errors.py) ---------
     "optim.step_torch": [
@@ -866,7 +984,6 @@ NO_TABLE = {
     "*LossScale.scale": "any tree; only floating tensor leaves are scaled",
     "*LossScale.unscale": "any tree; only floating tensor leaves are unscaled",
     "Policy.cast_to_*": "any tree; only floating tensor leaves are cast",
-    "*LossScale.load_state_dict": "from_state_dict of the same class checks the dict",
     "*LossScale.to": "torch.device parses the device (torch's error lists the device types)",
 }
 # Public callables whose table lives in another file (fnmatch patterns), and where.

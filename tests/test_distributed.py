@@ -170,7 +170,7 @@ def _fsdp_worker(rank: int, digits: Any) -> dict[str, Any]:
                         (inp[0].dtype, mod.weight.dtype, o.dtype)
                     )
                 )
-                fully_shard(m, mp_policy=pp.to_fsdp_mixed_precision(policy))
+                fully_shard(m, mp_policy=pp.to_fsdp_mixed_precision(policy, root=False))
         fully_shard(model, mp_policy=pp.to_fsdp_mixed_precision(policy))
         reduced.clear()
         output = model(x)
@@ -258,7 +258,7 @@ def test_fully_shard_with_converted_policy_runs_in_the_policys_dtypes(
             assert got["output_dtype"] == o, spec
             assert set(got["sharded"].values()) == {p}, spec
             assert set(got["grad_dtypes"].values()) == {p}, spec
-            assert got["reduced"] and set(got["reduced"]) == {p}, spec
+            assert got["reduced"] and set(got["reduced"]) == {"torch.float32"}, spec
             assert_trees_all_close(
                 got["output"], got["reference_output"], dtype=policy.compute_dtype
             )
@@ -321,9 +321,11 @@ def test_all_finite_across_refuses_to_run_inside_vmap(single_rank_group: Any) ->
     [
         ("16-mixed", torch.float16, torch.float32, torch.float32),
         ("bf16-mixed", torch.bfloat16, torch.float32, torch.float32),
-        ("bf16-true", torch.bfloat16, torch.bfloat16, torch.float32),
+        ("bf16-true", torch.bfloat16, torch.float32, torch.float32),  # 16-bit params too
+        ("16-true", torch.float16, torch.float32, torch.float32),
         ("32-true", torch.float32, torch.float32, torch.float32),
         ("64-true", torch.float64, torch.float64, torch.float32),
+        ("p=f64,c=f32,o=f32", torch.float32, torch.float64, torch.float32),
         ("p=f32,c=bf16,o=bf16", torch.bfloat16, torch.float32, torch.bfloat16),
     ],
 )
@@ -335,7 +337,12 @@ def test_to_fsdp_mixed_precision_maps_compute_param_output(
     for given in [spec, pp.get_policy(spec)]:
         mp_policy = pp.to_fsdp_mixed_precision(given)
         assert mp_policy == MixedPrecisionPolicy(param, reduce, output, cast_forward_inputs=True)
+        inner = pp.to_fsdp_mixed_precision(given, root=False)  # a layer inside the root
+        assert inner == MixedPrecisionPolicy(param, reduce, None, cast_forward_inputs=True)
     assert not pp.to_fsdp_mixed_precision(spec, cast_forward_inputs=False).cast_forward_inputs
+    for asked in [torch.bfloat16, "bf16", "bfloat16", torch.float64]:
+        got = pp.to_fsdp_mixed_precision(spec, reduce_dtype=asked).reduce_dtype
+        assert got == pp.parse_dtype(asked)
 
 
 def test_to_fsdp_mixed_precision_without_fsdp2_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
