@@ -204,3 +204,22 @@ def test_params_come_back_in_their_key_order_whatever_the_grads_order() -> None:
     grads = dict(reversed(list(_grads(params, 0).items())))
     new, state = opt.step(params, grads, opt.init(params))
     assert list(new) == list(params) == list(state.exp_avg)
+
+
+def test_a_donated_step_updates_parameters_that_require_grad_in_place() -> None:
+    # a module's own parameters, stepped as torch.optim steps them (no detach needed)
+    model = torch.nn.Linear(4, 3)
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    opt = pp.optim.adamw(0.1)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    new, state = opt.step(params, grads, opt.init(params), donate=True)
+    assert all(new[k] is params[k] or new[k].data_ptr() == params[k].data_ptr() for k in params)
+    assert not torch.equal(model.weight.detach(), before["weight"])
+    assert torch.equal(model.weight.detach(), new["weight"].detach())
+    assert int(state.step) == 1 and torch.is_grad_enabled()
+
+
+def test_an_optimizer_is_not_iterable_like_torchs() -> None:
+    with pytest.raises(TypeError, match=r"opt_state.state_dict\(\)"):
+        iter(pp.optim.adamw())

@@ -135,6 +135,15 @@ class Optimizer:
         """The update of one leaf in plain tensor ops: ``(param, slots) -> (param, slots)``."""
         raise NotImplementedError
 
+    def __iter__(self) -> Any:
+        raise TypeError(
+            f"{type(self).__name__} is a polprec optimizer: settings only, no parameters or "
+            "state to iterate (torch.optim's param_groups). Its state is the opt_state its "
+            "init(params) made: checkpoint opt_state.state_dict() (with "
+            "torch.distributed.checkpoint, a dict of the params and opt_state.state_dict()), "
+            "not the optimizer"
+        )
+
     # --- what the machinery asks
 
     def mode(self, dtype: torch.dtype) -> Mode:

@@ -459,6 +459,14 @@ def step(
     Returns:
         ``(new_params, new_states, (step, skips, consecutive_skips))``.
     """
+    if donate and torch.is_grad_enabled() and not _fused.tracing():
+        # a donated step updates its inputs in place: nothing can differentiate through it, so
+        # parameters that require grad (a module's own, as torch.optim steps them) are
+        # updated under no_grad, as torch.optim does, instead of copied by autograd
+        with torch.no_grad():
+            return step(
+                plans, members, labels, params, grads, states, counted, grads_finite, rates, True
+            )
     _tree.check_tree(params, "params")
     _tree.check_tree(grads, "grads")
     flat = Flat(params, grads)
