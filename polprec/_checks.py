@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from polprec import _dtensor
+
 
 def check_number(name: str, value: Any, *, positive: bool = True) -> float:
     """Validate a Python number setting; ``positive`` demands > 0, else >= 0."""
@@ -80,17 +82,26 @@ def as_tensor(name: str, value: Any, dtype: torch.dtype, *, positive: bool) -> t
 
 def check_grads_finite(grads_finite: Any) -> torch.Tensor:
     """A 0-dim bool tensor from a finite flag (a Python bool, a verdict known in advance, is
-    wrapped; everywhere polprec takes a flag it takes either)."""
+    wrapped; everywhere polprec takes a flag it takes either). A DTensor flag becomes its
+    global value, a plain tensor the same on every rank of its mesh (a collective, no host
+    read)."""
     if isinstance(grads_finite, bool):
         return torch.tensor(grads_finite)
+    if type(grads_finite) is not torch.Tensor and _dtensor.is_dtensor(grads_finite):
+        _check_flag(grads_finite)
+        return _dtensor.plain_flag(grads_finite)
     if not isinstance(grads_finite, torch.Tensor):
         raise TypeError(
             "grads_finite must be a 0-dim torch.bool tensor (as returned by unscale_and_check "
             f"or all_finite) or a bool, got {grads_finite!r} of type {type(grads_finite).__name__}"
         )
-    if grads_finite.dtype != torch.bool or grads_finite.dim() != 0:
-        raise ValueError(
-            "grads_finite must be a 0-dim torch.bool tensor, got dtype "
-            f"{grads_finite.dtype} with shape {tuple(grads_finite.shape)}"
-        )
+    _check_flag(grads_finite)
     return grads_finite
+
+
+def _check_flag(flag: torch.Tensor) -> None:
+    if flag.dtype != torch.bool or flag.dim() != 0:
+        raise ValueError(
+            f"grads_finite must be a 0-dim torch.bool tensor, got dtype {flag.dtype} with "
+            f"shape {tuple(flag.shape)}"
+        )

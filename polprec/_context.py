@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _fused, _tree
+from polprec import _dtensor, _fused, _tree
 from polprec._autocast_mode import AutocastMode
 from polprec.policy import Policy
 
@@ -69,13 +69,27 @@ def transform_casts(device: str, mixed: bool) -> AutocastMode | NullContext:
     return NullContext()  # a fresh one: Dynamo enters only context managers made in the graph
 
 
-def params_for_compute(policy: Policy, tree: Any) -> Any:
+def params_for_compute(
+    policy: Policy,
+    tree: Any,
+    *,
+    module: nn.Module | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> Any:
     """Params/buffers as the module should see them under ``policy``.
 
     Mixed policies pass them as they are and leave the casts to autocast (and, inside
     ``torch.func`` transforms, to :func:`transform_casts`), so that the float32 parameters
     reach every float32 op; every other policy casts explicitly.
+
+    In a dict of tensors by name given with its ``module``, DTensor leaves are first gathered
+    to full tensors (:func:`polprec._dtensor.gather_tree`): the module's parameters in the
+    compute dtype under every policy (cast before the all-gather), buffers in their own
+    dtype; ``reduce_dtype`` is the dtype their gradients are averaged over the ranks in.
     """
+    if module is not None and _dtensor.any_dtensor(tree):
+        names = parameter_names(module, tree)
+        tree = _dtensor.gather_tree(tree, policy.compute_dtype, names, reduce_dtype)
     if policy.is_mixed:
         return tree
     return policy.cast_to_compute(tree)

@@ -25,6 +25,14 @@ def transforms_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())  # noqa: SLF001
 
 
+def unwrapped(x: Any) -> Any:
+    """``x`` without the wrappers of the ``torch.func`` transforms it is inside."""
+    functorch = torch._C._functorch  # noqa: SLF001
+    while isinstance(x, torch.Tensor) and functorch.is_functorch_wrapped_tensor(x):
+        x = functorch.get_unwrapped(x)
+    return x
+
+
 def tracing() -> bool:
     """True while ``torch.compile`` traces or inside a ``torch.func`` transform."""
     return torch.compiler.is_compiling() or transforms_active()

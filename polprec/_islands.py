@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _reparam, _tree
+from polprec import _checkpointing, _context, _dtensor, _reparam, _tree
 from polprec._rule_keys import map_named, owner
 from polprec.policy import Policy
 from polprec.rules import PolicyRules
@@ -73,11 +73,13 @@ def apply_rules(
     strict: bool,
     tie_weights: bool,
     keep: frozenset[str | int],
+    reduce_dtype: torch.dtype | None = None,
 ) -> Any:
     """``functional_call`` of ``module`` with each island under its own policy.
 
     Each parameter and buffer is cast for the module that uses it under its name; a tied
     tensor (one tensor under several names) is cast once per compute dtype, for each name.
+    A DTensor is gathered for each policy that uses it, a parameter in that compute dtype.
     """
     named = list(module.named_modules())
     plan = _plan(rules, named, module)
@@ -87,6 +89,11 @@ def apply_rules(
     if tie_weights:
         params_and_buffers = dict(_reparam.untie(module, params_and_buffers))
     casts = _tree.TensorMemo()  # tensor -> {policy: its cast}: tied names share casts
+    names = (  # parameters, told from buffers where DTensors are gathered
+        _context.parameter_names(module, params_and_buffers)
+        if _dtensor.any_dtensor(params_and_buffers)
+        else frozenset()
+    )
 
     def for_compute(name: str, x: Any) -> Any:
         policy = plan.owners.get(name)
@@ -98,6 +105,10 @@ def apply_rules(
         if by_policy is None:
             by_policy = casts.put(x, {})
         if policy not in by_policy:
+            if type(x) is not torch.Tensor and _dtensor.is_dtensor(x):
+                x = _dtensor.gather(
+                    x, policy.compute_dtype if name in names else None, reduce_dtype
+                )
             by_policy[policy] = _context.params_for_compute(policy, x)
         return by_policy[policy]
 

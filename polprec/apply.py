@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _fused, _tree, _wrapped
+from polprec import _checkpointing, _context, _dtensor, _fused, _tree, _wrapped
 from polprec._catalogue import HALF_DTYPES
 from polprec._islands import apply_rules
 from polprec.policy import Policy, PolicySpec, get_policy
@@ -146,6 +146,7 @@ def apply_with_policy(
     strict: bool = False,
     tie_weights: bool = True,
     keep_dtype: Collection[str | int] = (),
+    reduce_dtype: torch.dtype | str | None = None,
 ) -> Any:
     """``torch.func.functional_call`` under a mixed-precision policy.
 
@@ -185,6 +186,17 @@ def apply_with_policy(
     module is refused with an error: its recomputation would read the module's own
     parameters instead of ``params_and_buffers``.
 
+    Parameters may be ``torch.distributed.tensor.DTensor``s (``distribute_tensor``;
+    ``Replicate()`` or ``Shard(d)`` on each mesh dimension): sharding is then a property of
+    the parameters, and every rank runs this call on its own batch. Each DTensor is gathered
+    to a full tensor just before the module runs, a parameter cast to the compute dtype
+    *before* the all-gather under every policy (so 16-bit bytes move, as with FSDP2's
+    ``param_dtype``). Its gradient comes back as a DTensor with the parameter's mesh,
+    placements and dtype: the gradient of the *mean* of all ranks' losses, reduced in
+    ``reduce_dtype``. ``Replicate()`` parameters are data parallelism (DDP), ``Shard(0)``
+    fully sharded data parallelism (FSDP, ZeRO-3), ``(Replicate(), Shard(0))`` on a 2-D mesh
+    both (HSDP). Not inside ``vmap``/``torch.func.grad``, which do not support DTensor.
+
     Args:
         module: the ``nn.Module`` whose ``forward`` runs.
         params_and_buffers: parameters and buffers by name (or a tuple of such dicts), as
@@ -199,13 +211,16 @@ def apply_with_policy(
         keep_dtype: keyword names (``"labels"``) and positional indices of inputs that a
             policy that casts inputs passes on in their own dtype; names and indices that a
             call does not have are ignored.
+        reduce_dtype: the dtype DTensor parameters' gradients are averaged over the ranks in
+            (FSDP2's ``reduce_dtype``): ``None`` for float32 (float64 for float64
+            parameters), or a floating dtype or its name. Ignored without DTensors.
 
     Raises:
         TypeError, ValueError: bad arguments, names that are no parameter or buffer of
             ``module``, different tensors under tied names.
         TypeError: ``module`` is, or contains, a DDP or FSDP2 module (torch's module route).
         RuntimeError: the module uses ``torch.utils.checkpoint`` on parameters other than
-            its own.
+            its own; DTensor parameters inside a ``torch.func`` transform.
 
     Examples:
         >>> import torch
@@ -240,13 +255,16 @@ def apply_with_policy(
     params = _merged(params_and_buffers)
     _context.check_names(module, params)
     keep = _keep_dtype(keep_dtype)
+    reduce = _dtensor.check_reduce_dtype(reduce_dtype)
     args = _as_args(args)
     if isinstance(policy, PolicyRules):
-        return apply_rules(policy, module, params, args, dict(kwargs), strict, tie_weights, keep)
+        return apply_rules(
+            policy, module, params, args, dict(kwargs), strict, tie_weights, keep, reduce
+        )
     policy = get_policy(policy)
     args, kwargs = _context.cast_inputs(policy, args, dict(kwargs), keep)
     device_type = _context.device_type(params, args, kwargs)
-    params = _context.params_for_compute(policy, params)
+    params = _context.params_for_compute(policy, params, module=module, reduce_dtype=reduce)
     with (
         _context.policy_context(policy, device_type),
         _context.transform_casts(device_type, policy.is_mixed),

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from polprec import _fused, _tree
+from polprec import _dtensor, _fused, _tree
 
 __all__ = ["clip_by_global_norm"]
 
@@ -57,6 +57,11 @@ def clip_by_global_norm(
     users do after ``scaler.unscale_(optimizer)``. In eager mode it runs torch's
     multi-tensor kernels; under ``vmap``, ``grad`` and ``torch.compile``, plain ops.
 
+    DTensor gradients (sharded or replicated) count with their full tensors, as in
+    ``clip_grad_norm_``: ``total_norm`` is the global norm, a plain tensor equal on every rank
+    (one all-reduce per mesh and placement pattern), and the clipped gradients are DTensors
+    laid out as the inputs.
+
     Args:
         grads: a pytree of gradients.
         max_norm: the largest allowed global norm (a number >= 0 or a 0-dim tensor).
@@ -79,6 +84,10 @@ def clip_by_global_norm(
     floats = [leaves[i] for i in idx]
     if not floats:
         return grads, torch.zeros((), dtype=torch.float32)
+    # DTensor gradients: norms and products on the local shards, the norm over the meshes
+    shards = _dtensor.Shards(floats) if _dtensor.any_dtensor(floats) else None
+    if shards is not None:
+        floats = shards.local
     fused = _fused.may_fuse(floats)
     if fused:
         per_leaf = _fused.norms(floats, p)
@@ -86,6 +95,8 @@ def clip_by_global_norm(
         per_leaf = [
             torch.linalg.vector_norm(x, p, dtype=_fused.norm_dtype(x.dtype)) for x in floats
         ]
+    if shards is not None:
+        per_leaf = shards.global_norms(per_leaf, p)
     device, dtype = floats[0].device, per_leaf[0].dtype
     if any(n.dtype != dtype for n in per_leaf):
         dtype = torch.float64
@@ -95,6 +106,8 @@ def clip_by_global_norm(
         clipped = _fused.mul(floats, coef)
     else:
         clipped = [_fused.scaled(x, coef.to(x.device)) for x in floats]
+    if shards is not None:
+        clipped = shards.rebuild(clipped)
     out = list(leaves)
     for i, x in zip(idx, clipped, strict=True):
         out[i] = x

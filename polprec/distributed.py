@@ -58,9 +58,13 @@ def all_finite_across(grads_finite: torch.Tensor | bool, *, group: Any = None) -
     torch's functional all-reduce, which traces with ``fullgraph=True``. Not supported under
     ``vmap``: a collective cannot run once per batch member.
 
+    A DTensor flag (e.g. ``torch.isfinite(g).all()`` of a sharded gradient ``g``, whose
+    placement is ``Partial``) is first resolved to its global value, as ``full_tensor()``
+    does; the result is always a plain tensor.
+
     Args:
         grads_finite: this rank's 0-dim bool flag, e.g. from :func:`polprec.unscale_and_check`
-            or :func:`polprec.all_finite`.
+            or :func:`polprec.all_finite`, a plain tensor or a DTensor.
         group: the process group to agree within; ``None`` means all ranks (the default
             group), as in ``torch.distributed``.
 

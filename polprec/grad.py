@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from polprec import _checkpointing, _fused, _grad_checks, _tree
+from polprec import _checkpointing, _dtensor, _fused, _grad_checks, _tree
 from polprec._checks import check_int
 from polprec.distributed import all_finite_across, check_process_group
 from polprec.loss_scale import LossScale, NoOpLossScale
@@ -88,6 +88,16 @@ def value_and_grad(
     rank's; averaging them across ranks is the caller's step. (``group.WORLD`` is ``None``
     until ``init_process_group`` has run: build the step after it.)
 
+    DTensor parameters (``torch.distributed.tensor``, see :func:`polprec.apply_with_policy`)
+    need none of that: each rank passes its own batch, the gradients come back as DTensors
+    laid out as the parameters, averaged over the ranks, and ``grads_finite`` is a plain
+    0-dim bool tensor agreed over the parameters' meshes, so every rank skips a step together
+    and the loss-scale state stays plain and the same on every rank. Every floating leaf of
+    ``params`` must then be a DTensor (a plain tensor's gradient would be this rank's own).
+    They are differentiated with ``torch.autograd`` also under ``torch.compile`` (for
+    ``fullgraph=True``, set ``torch._dynamo.config.trace_autograd_ops = True``), and refused
+    inside ``vmap``/``torch.func.grad``, which do not support DTensor.
+
     Examples:
         >>> import torch
         >>> from polprec import DynamicLossScale
@@ -123,6 +133,10 @@ def value_and_grad(
             idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff, slot = _distinct([leaves[i] for i in idx])
         _grad_checks.check_params(params, leaves, diff)
+        sharded = _dtensor.any_dtensor(diff)
+        if sharded:  # (mixing with plain tensors is checked after the forward pass, so that
+            # a module wrapped by DDP or FSDP2 is refused first, naming what to do instead)
+            _dtensor.refuse_transforms("value_and_grad")
         simple = len(idx) == len(leaves) and len(diff) == len(leaves)  # every leaf differentiated
 
         def rebuild(new: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
@@ -136,11 +150,11 @@ def value_and_grad(
         def scaled_grads(
             a: tuple[Any, ...], kw: dict[str, Any]
         ) -> tuple[torch.Tensor, Any, list[torch.Tensor], bool]:
-            return _scaled_grads(loss_fn, rebuild, diff, a, kw, loss_scale, has_aux, k)
+            return _scaled_grads(loss_fn, rebuild, diff, a, kw, loss_scale, has_aux, k, sharded)
 
         if k == 1:
             loss, aux, dgrads, owned = scaled_grads(args, kwargs)
-            dgrads, finite = _unscale(dgrads, loss_scale, owned)
+            dgrads, finite = _unscale(dgrads, loss_scale, owned, sharded)
         else:
             losses, auxes = [], []
             acc: list[torch.Tensor] = []
@@ -151,7 +165,7 @@ def value_and_grad(
                 auxes.append(aux)
                 acc_owned = acc_owned and owned
                 acc = _fused.accumulate(acc, dgrads, owned=acc_owned)
-            acc, finite = _unscale(acc, loss_scale, acc_owned)
+            acc, finite = _unscale(acc, loss_scale, acc_owned, sharded)
             dgrads = [g.to(x.dtype) for g, x in zip(acc, diff, strict=True)]
             loss = torch.stack([x.float() for x in losses]).mean().to(losses[0].dtype)
             aux = stack_trees(auxes) if has_aux else None
@@ -211,16 +225,23 @@ def _scaled_grads(
     loss_scale: LossScale,
     has_aux: bool,
     k: int,
+    sharded: bool,
 ) -> tuple[torch.Tensor, Any, list[torch.Tensor], bool]:
-    """``(loss, aux, scaled gradients of loss / k, whether the gradients are ours to overwrite)``."""
+    """``(loss, aux, scaled gradients of loss / k, whether the gradients are ours to overwrite)``.
+
+    DTensor parameters (``sharded``) are differentiated with autograd also while compiling:
+    torch.func does not support DTensor.
+    """
 
     def scale(loss: torch.Tensor) -> torch.Tensor:
         return scale_loss(loss if k == 1 else loss / k, loss_scale)
 
-    if not _fused.tracing():
+    if not _fused.tracing() or sharded:
         inputs = [x.detach().requires_grad_() for x in diff]
         with torch.enable_grad(), _checkpointing.Deferred() as guard:
             loss, aux = _grad_checks.split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
+            if sharded:
+                _dtensor.check_params(diff)
             try:
                 got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
             except RuntimeError:
@@ -245,8 +266,13 @@ def _scaled_grads(
 
 
 def _unscale(
-    grads: list[torch.Tensor], loss_scale: LossScale, owned: bool
+    grads: list[torch.Tensor], loss_scale: LossScale, owned: bool, sharded: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    if sharded:  # DTensors: their local shards unscaled, the verdict agreed over the meshes
+        shards = _dtensor.Shards(grads)
+        fresh = not _fused.tracing() and _fused.owned(shards.local)
+        local, finite = _unscale(shards.local, loss_scale, fresh)
+        return shards.rebuild(local), shards.agree(finite)
     if owned and grads:
         # Fresh eager gradients nobody else holds: unscaled and checked in place, in one fused
         # pass; without a loss scale the same kernel checks them (a factor of 1 is exact).

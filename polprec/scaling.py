@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from polprec import _fused, _tree
+from polprec import _dtensor, _fused, _tree
 from polprec._catalogue import HALF_DTYPES
 from polprec.distributed import all_finite_across, check_process_group
 from polprec.loss_scale import DynamicLossScale, LossScale, NoOpLossScale, check_loss_scale
@@ -61,7 +61,9 @@ def unscale_and_check(
     True when every element of the scaled input was finite. ``None`` leaves stay ``None``,
     non-floating leaves pass through. Pure: the input is never modified; no host
     synchronisation. In eager mode it runs torch's fused AMP kernel on fresh buffers; under
-    ``vmap``/``grad``/``torch.compile`` it uses plain tensor ops.
+    ``vmap``/``grad``/``torch.compile`` it uses plain tensor ops. DTensor gradients are
+    unscaled on their local shards and come back as DTensors laid out as they were;
+    ``grads_finite`` is then a plain flag agreed over their meshes (the same on every rank).
 
     Args:
         grads: a pytree of (scaled) gradients.
@@ -87,6 +89,10 @@ def unscale_and_check(
     leaves, spec = _tree.tree_flatten(grads)
     idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
     floats = [leaves[i] for i in idx]
+    # DTensor gradients: computed on their local shards, the verdict agreed over the meshes
+    shards = _dtensor.Shards(floats) if _dtensor.any_dtensor(floats) else None
+    if shards is not None:
+        floats = shards.local
     if isinstance(loss_scale, NoOpLossScale):
         finite = all_finite(floats)
     elif not floats:
@@ -100,10 +106,14 @@ def unscale_and_check(
         else:
             finite = all_finite(floats)
             floats = [_fused.scaled(x, inv) for x in floats]
+        if shards is not None:
+            floats = shards.rebuild(floats)
         out = list(leaves)
         for i, x in zip(idx, floats, strict=True):
             out[i] = x
         grads = _tree.tree_unflatten(spec, out)
+    if shards is not None:
+        finite = shards.agree(finite)
     if process_group is not None:
         finite = all_finite_across(finite, group=process_group)
     return grads, finite

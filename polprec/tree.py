@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _tree
+from polprec import _dtensor, _tree
 from polprec.policy import PolicySpec, get_policy, parse_dtype
 from polprec.rules import PolicyRules
 
@@ -65,6 +65,8 @@ def all_finite(tree: Any) -> torch.Tensor:
 
     Non-floating leaves are ignored; an empty tree gives ``tensor(True)``. No host
     synchronisation; works under ``vmap`` (one flag per batch member) and ``torch.compile``.
+    With DTensor leaves the flag is plain and agreed over their meshes (the same on every
+    rank: one all-reduce per mesh dimension).
 
     Examples:
         >>> import torch
@@ -80,6 +82,9 @@ def all_finite(tree: Any) -> torch.Tensor:
     ]
     if not leaves:
         return torch.tensor(True)
+    if _dtensor.any_dtensor(leaves):  # checked on the local shards, agreed over the meshes
+        shards = _dtensor.Shards(leaves)
+        return shards.agree(all_finite(shards.local))
     flags = [torch.isfinite(x).all() for x in leaves]
     if len(flags) == 1:
         return flags[0]

@@ -1,6 +1,7 @@
 """Distributed: cross-rank finite agreement and FSDP2 policies, on real gloo processes.
 
-The multi-process tests spawn two ranks on 127.0.0.1 with the gloo backend. Workers live at
+The multi-process tests spawn two ranks on 127.0.0.1 with the gloo backend; data-parallel
+training uses ``Replicate()`` DTensor parameters (test_dtensor.py covers the layouts). Workers live at
 module level (spawn pickles them by name), write their results with ``torch.save`` and are
 killed if they outlive ``helpers.DIST_TIMEOUT_S``. Bad input to the distributed functions, and calls
 without a process group: test_audit.py.
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 from helpers import load_digits, spawn
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, distribute_tensor
 
 import polprec as pp
 import polprec.distributed as ppd
@@ -58,33 +61,23 @@ def _loss_fn(model: nn.Module, policy: str) -> Callable[..., torch.Tensor]:
     return loss_fn
 
 
-def _average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean of ``grads`` over all ranks, in one all-reduce of a flat buffer."""
-    flat = torch.cat([g.reshape(-1) for g in grads.values()])
-    dist.all_reduce(flat)
-    parts = (flat / _WORLD).split([g.numel() for g in grads.values()])
-    return {k: p.view_as(g) for (k, g), p in zip(grads.items(), parts, strict=True)}
-
-
-def _sgd_update(params: Any, grads: Any, finite: torch.Tensor, *, distributed: bool) -> Any:
-    if distributed:
-        grads = _average(grads)
+def _sgd_update(params: Any, grads: Any, finite: torch.Tensor) -> Any:
     new = {k: p - 0.5 * grads[k] for k, p in params.items()}
     return pp.select_tree(finite, new, params)
 
 
-def _sgd_train_step(step_grad: Callable[..., Any], *, distributed: bool) -> Callable[..., Any]:
+def _sgd_train_step(step_grad: Callable[..., Any]) -> Callable[..., Any]:
     def train_step(params: Any, x: torch.Tensor, y: torch.Tensor, ls: Any) -> Any:
         loss, grads, finite, ls = step_grad(params, x, y, loss_scale=ls)
-        return loss, _sgd_update(params, grads, finite, distributed=distributed), finite, ls
+        return loss, _sgd_update(params, grads, finite), finite, ls
 
     return train_step
 
 
 def _agreed_update(params: Any, scaled_grads: Any, ls: pp.DynamicLossScale) -> Any:
-    """The update half of a step: unscale, agree across ranks, average, update, adjust."""
+    """The update half of a step: unscale, agree across ranks, update, adjust."""
     grads, finite = pp.unscale_and_check(scaled_grads, ls, process_group=dist.group.WORLD)
-    return _sgd_update(params, grads, finite, distributed=True), finite, ls.adjust(finite)
+    return _sgd_update(params, grads, finite), finite, ls.adjust(finite)
 
 
 def _scale_state(ls: pp.DynamicLossScale) -> dict[str, float]:
@@ -104,8 +97,8 @@ def _nan_on_rank1_worker(rank: int, digits: Any) -> dict[str, Any]:
         x[3, 5] = float("nan")
     loss_fn = _loss_fn(model, "16-mixed")
     world = dist.group.WORLD
-    agreed = _sgd_train_step(pp.value_and_grad(loss_fn, process_group=world), distributed=True)
-    local = _sgd_train_step(pp.value_and_grad(loss_fn), distributed=True)
+    agreed = _sgd_train_step(pp.value_and_grad(loss_fn, process_group=world))
+    local = _sgd_train_step(pp.value_and_grad(loss_fn))
     ls = pp.DynamicLossScale(2.0**10)
     out: dict[str, Any] = {"params0": params0}
     for name, fn in [("agreed", agreed), ("local", local)]:
@@ -119,6 +112,7 @@ def _nan_on_rank1_worker(rank: int, digits: Any) -> dict[str, Any]:
         _, grads, _, _ = plain_grad(params0, xb, yb, loss_scale=pp.NoOpLossScale())
         params, finite, new_ls = compiled(params0, ls.scale(grads), ls)
         out[name] = {"params": params, "finite": bool(finite), **_scale_state(new_ls)}
+        out[name + "_eager"] = _agreed_update(params0, ls.scale(grads), ls)[0]
     grads = {"w": torch.tensor([1.0, float("nan") if rank == 1 else 2.0])}
     out["unscale_and_check"] = bool(pp.unscale_and_check(grads, ls, process_group=world)[1])
     out["across_mixed"] = bool(pp.all_finite_across(torch.tensor(rank == 0)))
@@ -127,15 +121,18 @@ def _nan_on_rank1_worker(rank: int, digits: Any) -> dict[str, Any]:
 
 
 def _data_parallel_worker(rank: int, digits: Any) -> dict[str, Any]:
+    """Functional DDP: Replicate() DTensor parameters; value_and_grad averages and agrees."""
     x_all, y_all = digits
     model = _mlp()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    step_grad = pp.value_and_grad(_loss_fn(model, "32-true"), process_group=dist.group.WORLD)
-    train_step = _sgd_train_step(step_grad, distributed=True)
+    mesh = init_device_mesh("cpu", (_WORLD,))
+    params = {
+        k: distribute_tensor(v.detach(), mesh, [Replicate()]) for k, v in model.named_parameters()
+    }
+    train_step = _sgd_train_step(pp.value_and_grad(_loss_fn(model, "32-true")))
     ls = pp.DynamicLossScale(2.0**8, period=10)
     for step in range(50):
         _, params, _, ls = train_step(params, *_batch(x_all, y_all, step, rank), ls)
-    return {"params": params, **_scale_state(ls)}
+    return {"params": {k: v.to_local() for k, v in params.items()}, **_scale_state(ls)}
 
 
 def _fsdp_worker(rank: int, digits: Any) -> dict[str, Any]:
@@ -209,15 +206,16 @@ def test_nan_on_one_rank_makes_every_rank_skip_and_back_off(tmp_path: Path, digi
         assert r["across_clean"] is True
         clean = r["compiled_clean"]
         assert clean["finite"] is True
+        assert_trees_all_close(clean["params"], r["compiled_clean_eager"], rtol=1e-6, atol=0)
         for k, p in clean["params"].items():
-            assert torch.equal(p, results[0]["compiled_clean"]["params"][k]), (rank, k)
             assert not torch.equal(p, r["params0"][k]), (rank, k)
-    # Without the agreement rank 0 believes its step is fine, keeps its scale and takes
-    # the averaged (NaN) gradients into its parameters: the failure the option prevents.
+    # Without the agreement rank 0 believes its step is fine, keeps its scale and updates
+    # its parameters while rank 1 skips: the ranks drift apart, the failure the option prevents.
     local0, local1 = results[0]["local"], results[1]["local"]
     assert (local0["finite"], local1["finite"]) == (True, False)
     assert (local0["scale"], local1["scale"]) == (2.0**10, 2.0**9)
-    assert bool(torch.isnan(local0["params"]["0.weight"]).any())
+    assert not torch.equal(local0["params"]["0.weight"], local1["params"]["0.weight"])
+    assert torch.equal(local1["params"]["0.weight"], results[1]["params0"]["0.weight"])
 
 
 @pytest.mark.slow
@@ -228,7 +226,7 @@ def test_data_parallel_training_equals_single_process_on_the_full_batch(
     x_all, y_all = digits
     model = _mlp()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    train_step = _sgd_train_step(pp.value_and_grad(_loss_fn(model, "32-true")), distributed=False)
+    train_step = _sgd_train_step(pp.value_and_grad(_loss_fn(model, "32-true")))
     ls = pp.DynamicLossScale(2.0**8, period=10)
     losses = []
     for step in range(50):
