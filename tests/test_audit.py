@@ -684,6 +684,15 @@ BAD_INPUT: dict[str, list[Case]] = {
              lambda: _step(microbatches=2)(PARAMS, torch.ones(3), loss_scale=DLS), ValueError,
              "microbatches=2 cannot split positional argument 0",
              "leading dimension 3 is not divisible by 2"),
+        case("module-called-directly",  # LIN's own Parameters, not the params passed
+             lambda: pp.value_and_grad(lambda p, x: LIN(x).sum())(PARAMS, torch.ones(1, 3), loss_scale=DLS),
+             ValueError, "the loss does not depend on any floating-point leaf of params",
+             "calls the module itself (model(x))",
+             "pp.apply_with_policy(model, params, x, policy=policy)", "such as the module's own nn.Parameters"),
+        case("loss-of-the-batch-only",
+             lambda: pp.value_and_grad(lambda p, x: x.sum())(PARAMS, torch.ones(3), loss_scale=DLS),
+             ValueError, "every gradient would be zero", "pp.apply_with_policy(model, params, x",
+             "frozen layers or an unused head, are fine", absent=("nn.Parameters",)),
     ],
     "clip_by_global_norm": [
         *(
