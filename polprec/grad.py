@@ -241,15 +241,20 @@ def _scaled_grads(
             aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
         return loss.detach(), aux, dgrads, _fused.owned(dgrads)
 
-    def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        loss, aux = _grad_checks.split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
+    def scaled_loss(
+        d: list[torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
+        loss, aux = _grad_checks.split_loss(loss_fn(rebuild(d), *a, **kw), has_aux)
         _grad_checks.check_reaches(loss)
         # torch.func's aux may hold only tensors: pass `aux` on only when there is one.
         if has_aux:
             _grad_checks.check_traced_aux(aux)
         return scale(loss), ((loss, aux) if has_aux else (loss,))
 
-    dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
+    # The other arguments go through torch.func.grad too (it differentiates the first only):
+    # an argument captured from outside could not be updated in place inside the transform,
+    # and BatchNorm's running statistics passed beside the params are.
+    dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff, args, kwargs)
     loss, aux = out if has_aux else (out[0], None)
     return loss, aux, dgrads, False
 
