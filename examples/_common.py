@@ -235,6 +235,15 @@ class Progress(Generic[T]):
             self._bar.set_postfix(**values)
         self._postfix.update(values)
 
+    def warn(self, message: str) -> None:
+        """A line on the stream, also when ``quiet`` (above a bar, which redraws below it)."""
+        line = f"{self._desc}: warning: {message}"
+        if self._bar is not None:
+            tqdm.write(line, file=self._stream)
+        else:
+            print(line, file=self._stream)
+            self._stream.flush()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -245,6 +254,46 @@ class Progress(Generic[T]):
         state = "done" if end else "step"
         print(f"{self._desc}: {state} {count} in {seconds:.1f} s{extra}", file=self._stream)
         self._stream.flush()
+
+
+#: Steps skipped in a row (their gradients were not finite) at which a run warns. A dynamic
+#: loss scale that overflowed backs off in a step or two; ten skips in a row mean that nothing
+#: trains: NaN in the data or the loss, a loss that overflows at every scale, or a loss-scale
+#: state that is not passed on from one step to the next.
+SKIPS_WARN = 10
+
+
+class SkipWatch:
+    """Warn on a progress line when the optimizer has skipped many steps in a row.
+
+    ``check(i, state)`` reads ``state.consecutive_skips`` (every ``pp.optim`` state counts
+    them on the device) every ``every`` steps only: each read is a host sync, the steps in
+    between stay sync-free. It warns once per run of skips that reaches ``threshold``.
+    """
+
+    def __init__(self, bar: Progress[Any], *, every: int = 10, threshold: int = SKIPS_WARN) -> None:
+        self._bar = bar
+        self._every = every
+        self._threshold = threshold
+        self._warned = False
+        self.longest = 0  # the longest run of skips seen at a check
+
+    def check(self, i: int, state: Any) -> None:
+        if (i + 1) % self._every:
+            return
+        skips = int(state.consecutive_skips)  # the one sync, every `every` steps
+        self.longest = max(self.longest, skips)
+        if skips < self._threshold:
+            self._warned = False
+        elif not self._warned:
+            self._warned = True
+            self._bar.warn(
+                f"the last {skips} steps were all skipped (state.consecutive_skips): their "
+                "gradients were not finite, so nothing trains. A dynamic loss scale backs "
+                "off within a few steps; a longer run means NaN in the data or the loss, a "
+                "loss that overflows at every scale, or a loss scale that is not passed on: "
+                "loss, grads, finite, loss_scale = step(..., loss_scale=loss_scale)"
+            )
 
 
 def _length(items: Iterable[Any]) -> int | None:

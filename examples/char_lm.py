@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from _common import (
     Progress,
+    SkipWatch,
     add_step_options,
     check_step_options,
     clip,
@@ -183,6 +184,7 @@ def train(
     losses, norms, seconds = [], [], []
     desc = precision if optimizer == "default" else f"{precision}, {optimizer}"
     bar = Progress(range(args.steps), desc=desc, quiet=args.quiet)
+    watch = SkipWatch(bar)  # reads opt.consecutive_skips every 10 steps: warns if training stopped
     for i in bar:
         tokens = sample(train_text)
         start = time.perf_counter()
@@ -192,6 +194,7 @@ def train(
         norms.append(norm)
         if not args.quiet and i % 10 == 0:  # reading the loss syncs; only for the display
             bar.set_postfix(loss=f"{float(loss):.3f}")
+        watch.check(i, opt)
     bar.close()
     with torch.no_grad():
         val_loss = torch.stack([loss_fn(params, sample(val_text)) for _ in range(8)]).mean()

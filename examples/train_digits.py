@@ -58,6 +58,7 @@ import torch
 from _common import (
     Digits,
     Progress,
+    SkipWatch,
     accuracy,
     add_step_options,
     batches,
@@ -176,6 +177,7 @@ def train(
     losses, scales, norms, seconds = [], [], [], []
     plan = batches(len(data.y_train), args.batch_size, steps, args.seed)
     bar = Progress(plan, desc=name, quiet=args.quiet)
+    watch = SkipWatch(bar)  # reads opt.consecutive_skips every 10 steps: warns if training stopped
     for i, idx in enumerate(bar):
         x, y = data.x_train[idx], data.y_train[idx]
         start = time.perf_counter()
@@ -186,6 +188,7 @@ def train(
         norms.append(norm)
         if not args.quiet and i % 50 == 0:  # reading the loss syncs; only for the display
             bar.set_postfix(loss=f"{float(loss) / loss_weight:.3f}")
+        watch.check(i, opt)
     bar.close()
 
     with torch.no_grad():

@@ -23,6 +23,15 @@ functions that reach a mode. Two additions, because a mode sees Python functions
   float32 inputs on every device. On CPU, autocast passes a 16-bit activation to the norm with
   its float32 weight (the kernel computes in float32 and returns 16 bits); that mixed call is
   what ``vmap(grad(...))`` cannot differentiate, so here the norm returns float32.
+
+``scaled_dot_product_attention`` runs with autocast switched off once its inputs are cast, as
+autocast's own kernel runs every op it casts (and on CPU so does ``multi_head_attention_forward``,
+which calls it). With ``dropout_p > 0`` on CPU SDPA takes its math path, which computes 16-bit
+inputs in float32 and calls ``bmm`` inside; under ``torch.func.grad`` (and so in every compiled
+polprec step) autocast reaches those inner ``bmm`` calls again, below the transform that saved
+their float32 operands, and the backward pass fails with "expected scalar type Float but found
+BFloat16". Plain torch does the same (``torch.func.grad`` of a function that runs SDPA with
+dropout under ``torch.autocast``); autograd outside the transforms is not affected.
 """
 
 from __future__ import annotations
@@ -109,6 +118,13 @@ _COMPOSITES = {
     },
 }
 _NORMS = ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")
+# Ops run with autocast off after their inputs are cast (see the module docstring), per device
+# type. On CPU autocast lists no op that nn.MultiheadAttention's forward calls as float32, so
+# with its inputs cast it computes as under autocast; on CUDA softmax would differ.
+_AUTOCAST_OFF_INSIDE = {
+    "cpu": frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"}),
+    "other": frozenset({"scaled_dot_product_attention"}),
+}
 
 
 def _table(*lists: tuple[str, str]) -> dict[str, str]:
@@ -178,6 +194,7 @@ class AutocastMode(TorchFunctionMode):
         super().__init__()
         self.device_type = device_type
         self.rules = rules_for(device_type)
+        self.off_inside = _AUTOCAST_OFF_INSIDE["cpu" if device_type == "cpu" else "other"]
 
     def __torch_function__(
         self,
@@ -187,7 +204,8 @@ class AutocastMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        rule = self.rules.get(getattr(func, "__name__", ""))
+        name = getattr(func, "__name__", "")
+        rule = self.rules.get(name)
         if rule is None or not torch.is_autocast_enabled(self.device_type):
             return func(*args, **kwargs)
         device = self.device_type
@@ -216,4 +234,7 @@ class AutocastMode(TorchFunctionMode):
             return casts.put(x, x.to(dtype)) if out is None else out
 
         args, kwargs = _map_args(args, kwargs, cast)
+        if name in self.off_inside:
+            with torch.autocast(device, enabled=False):
+                return func(*args, **kwargs)
         return func(*args, **kwargs)

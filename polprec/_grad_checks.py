@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +17,23 @@ from polprec.loss_scale import (
     check_loss_scale,
 )
 
-__all__ = ["check_loss_scale_arg", "check_params", "check_traced_aux", "split_loss"]
+__all__ = [
+    "check_loss_scale_arg",
+    "check_params",
+    "check_reached",
+    "check_reaches",
+    "check_traced_aux",
+    "split_loss",
+]
+
+UNREACHED = (
+    "the loss does not depend on any floating-point leaf of params, so every gradient would "
+    "be zero and training would not move. The loss function probably calls the module "
+    "itself (model(x)), which computes with the module's own parameters: compute the output "
+    "from the params the loss function is given, pp.apply_with_policy(model, params, x, "
+    "policy=policy). (Leaves that do not reach the loss, such as frozen layers or an unused "
+    "head, are fine as long as one does.)"
+)
 
 
 def split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
@@ -39,6 +56,27 @@ def split_loss(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
             f"{hint}"
         )
     return loss, aux
+
+
+def check_reaches(loss: torch.Tensor) -> None:
+    """Refuse a loss that no floating leaf of params reaches (see :data:`UNREACHED`).
+
+    ``loss.requires_grad`` is known without a host sync. Inside ``torch.func.grad`` it says
+    whether the loss depends on the inputs being differentiated at that transform's level: a
+    loss computed only from other tensors (the module's own parameters, the batch) does not
+    require grad there, even where those tensors require grad in plain autograd.
+    """
+    if not loss.requires_grad:
+        raise ValueError(UNREACHED)
+
+
+def check_reached(grads: Sequence[torch.Tensor | None]) -> None:
+    """Refuse eager gradients that are all ``None``: the loss required grad through other tensors."""
+    if all(g is None for g in grads):
+        raise ValueError(
+            UNREACHED + " It was computed from other tensors that require grad, such as the "
+            "module's own nn.Parameters."
+        )
 
 
 def check_loss_scale_arg(loss_scale: Any, args: tuple[Any, ...]) -> LossScale:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _dtensor, _reparam, _tree
+from polprec import _buffers, _context, _dtensor, _reparam, _tree
 from polprec._rule_keys import map_named, owner
 from polprec.policy import Policy
 from polprec.rules import PolicyRules
@@ -126,7 +126,9 @@ def apply_rules(
             _context.policy_context(root, device_type),
             _context.transform_casts(device_type, plan.any_mixed),
         ):
-            out = _checkpointing.call(module, params, args, kwargs, strict, tie_weights=False)
+            out = _buffers.call(
+                module, params_and_buffers, params, args, kwargs, strict, False, root
+            )
     finally:
         for sub, previous in saved:
             _context.set_call(sub, previous)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from polprec import _checkpointing, _context, _dtensor, _fused, _tree, _wrapped
+from polprec import _buffers, _context, _dtensor, _fused, _tree, _wrapped
 from polprec._catalogue import HALF_DTYPES
 from polprec._islands import apply_rules
 from polprec.policy import Policy, PolicySpec, get_policy
@@ -173,10 +173,13 @@ def apply_with_policy(
       compute, which autocast does not cast): parameters and buffers are cast
       to the compute dtype explicitly and autocast is switched off.
 
-    With explicit casts, floating buffers are cast copies: in-place buffer updates (BatchNorm
-    running statistics in training mode) land in the copy unless the buffers are already in
-    the compute dtype (``cast_params`` the buffers too, or keep BatchNorm in float32 with
-    :class:`~polprec.PolicyRules`).
+    Buffers: in-place updates (BatchNorm running statistics in training mode) land in the
+    buffers passed, as with ``functional_call``, under every policy. Where a policy computes
+    with a cast copy of a floating buffer, what the module changed in the copy is written back
+    into the buffer passed (in training mode; rounded as the module computed it). Buffers that
+    require grad (differentiated as if they were parameters: pass ``(params, buffers)`` and
+    differentiate ``params`` only) are refused with a ``ValueError``, and so is a dtype error
+    caused by the module's own floating buffers where they were not passed.
 
     Tied weights (one tensor under several names, such as an embedding and the output layer
     that shares it) may be passed under one name or under all of them as the same tensor;
@@ -217,7 +220,8 @@ def apply_with_policy(
 
     Raises:
         TypeError, ValueError: bad arguments, names that are no parameter or buffer of
-            ``module``, different tensors under tied names.
+            ``module``, different tensors under tied names, buffers that require grad,
+            or buffers left out whose dtype clashes with the compute dtype.
         TypeError: ``module`` is, or contains, a DDP or FSDP2 module (torch's module route).
         RuntimeError: the module uses ``torch.utils.checkpoint`` on parameters other than
             its own; DTensor parameters inside a ``torch.func`` transform.
@@ -264,12 +268,12 @@ def apply_with_policy(
     policy = get_policy(policy)
     args, kwargs = _context.cast_inputs(policy, args, dict(kwargs), keep)
     device_type = _context.device_type(params, args, kwargs)
-    params = _context.params_for_compute(policy, params, module=module, reduce_dtype=reduce)
+    computed = _context.params_for_compute(policy, params, module=module, reduce_dtype=reduce)
     with (
         _context.policy_context(policy, device_type),
         _context.transform_casts(device_type, policy.is_mixed),
     ):
-        out = _checkpointing.call(module, params, args, kwargs, strict, tie_weights)
+        out = _buffers.call(module, params, computed, args, kwargs, strict, tie_weights, policy)
     return policy.cast_to_output(out)
 
 

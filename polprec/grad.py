@@ -63,6 +63,13 @@ def value_and_grad(
     ``grads`` has the structure of ``params`` with each gradient in its parameter's dtype
     (non-floating leaves get ``None``). No host synchronisation.
 
+    A loss that no floating leaf of ``params`` reaches is refused with a ``ValueError``
+    naming :func:`polprec.apply_with_policy`: its gradients would all be zero, which is what a
+    loss function that calls the module itself (``model(x)``, the module's own parameters)
+    computes. Leaves that do not reach the loss (frozen layers, an unused head) get zero
+    gradients, as long as one leaf does. The check reads ``requires_grad`` and which
+    gradients autograd returned, never a value.
+
     Under ``torch.compile`` and inside other ``torch.func`` transforms it differentiates with
     ``torch.func.grad``; in plain eager mode it uses ``torch.autograd.grad`` on detached copies
     of the parameters (the same gradients, without the functorch wrapper overhead) and
@@ -240,6 +247,7 @@ def _scaled_grads(
         inputs = [x.detach().requires_grad_() for x in diff]
         with torch.enable_grad(), _checkpointing.Deferred() as guard:
             loss, aux = _grad_checks.split_loss(loss_fn(rebuild(inputs), *args, **kwargs), has_aux)
+            _grad_checks.check_reaches(loss)
             if sharded:
                 _dtensor.check_params(diff)
             try:
@@ -248,19 +256,26 @@ def _scaled_grads(
                 guard.settle(loss, None, (args, kwargs))
                 raise
         guard.settle(loss, got, (args, kwargs))
+        _grad_checks.check_reached(got)
         dgrads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, got, strict=True)]
         if has_aux:
             aux = _tree.tree_map(lambda a: a.detach() if isinstance(a, torch.Tensor) else a, aux)
         return loss.detach(), aux, dgrads, _fused.owned(dgrads)
 
-    def scaled_loss(d: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        loss, aux = _grad_checks.split_loss(loss_fn(rebuild(d), *args, **kwargs), has_aux)
+    def scaled_loss(
+        d: list[torch.Tensor], a: tuple[Any, ...], kw: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any]:
+        loss, aux = _grad_checks.split_loss(loss_fn(rebuild(d), *a, **kw), has_aux)
+        _grad_checks.check_reaches(loss)
         # torch.func's aux may hold only tensors: pass `aux` on only when there is one.
         if has_aux:
             _grad_checks.check_traced_aux(aux)
         return scale(loss), ((loss, aux) if has_aux else (loss,))
 
-    dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff)
+    # The other arguments go through torch.func.grad too (it differentiates the first only):
+    # an argument captured from outside could not be updated in place inside the transform,
+    # and BatchNorm's running statistics passed beside the params are.
+    dgrads, out = torch.func.grad(scaled_loss, has_aux=True)(diff, args, kwargs)
     loss, aux = out if has_aux else (out[0], None)
     return loss, aux, dgrads, False
 

@@ -203,6 +203,33 @@ def _unmatched_rule() -> Any:
     return pp.apply_with_policy(model, params, torch.ones(1, 2), policy=rules)
 
 
+def _batch_norm() -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A fresh Linear + BatchNorm1d, its parameters and its buffers (detached)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return model, params, {k: v.detach().clone() for k, v in model.named_buffers()}
+
+
+def _differentiated_buffers() -> Any:
+    model, params, buffers = _batch_norm()
+    grad = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in buffers.items()}
+    return pp.apply_with_policy(model, {**params, **grad}, torch.ones(2, 3), policy=32)
+
+
+def _buffers_in_the_step_params() -> Any:
+    model, params, buffers = _batch_norm()
+    step = pp.value_and_grad(
+        lambda t, x: pp.apply_with_policy(model, t, x, policy="bf16-mixed").float().sum()
+    )
+    return step({**params, **buffers}, torch.ones(2, 3), loss_scale=DLS)
+
+
+def _own_buffers_in_another_dtype() -> Any:
+    model, params, _ = _batch_norm()
+    low = pp.cast_params(params, "bf16-true")
+    return pp.apply_with_policy(model, low, torch.ones(2, 3), policy="bf16-true")
+
+
 def _class_rules_without_module() -> Any:
     model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     rules = pp.PolicyRules("bf16-true", {nn.LayerNorm: "32-true"})
@@ -732,6 +759,15 @@ BAD_INPUT: dict[str, list[Case]] = {
              *_WRAPPED_ROUTES),
         case("fsdp1-module", _wrapped(_fsdp1), TypeError,
              "got a FullyShardedDataParallel (FSDP1) module: FSDP all-gathers", *_WRAPPED_ROUTES),
+        case("buffers-require-grad", _differentiated_buffers, ValueError,
+             "buffers of Sequential that require grad: '1.running_mean', '1.running_var'.",
+             "pp.apply_with_policy(model, (params, buffers), x, policy=policy)",
+             absent=("num_batches_tracked",)),
+        case("own-buffers-in-another-dtype", _own_buffers_in_another_dtype, ValueError,
+             "expected scalar type BFloat16 but found Float", "while computing in torch.bfloat16",
+             "its own: '1.running_mean', '1.running_var', in torch.float32.",
+             "pp.apply_with_policy(model, (params, buffers), x, policy=policy)",
+             "pp.PolicyRules(policy, {'BatchNorm1d': '32-true'})"),
     ],
     "autocast": [
         case("policy-nope", lambda: pp.autocast("nope"), ValueError, "'nope'"),
@@ -793,6 +829,18 @@ BAD_INPUT: dict[str, list[Case]] = {
              lambda: _step(microbatches=2)(PARAMS, torch.ones(3), loss_scale=DLS), ValueError,
              "microbatches=2 cannot split positional argument 0",
              "leading dimension 3 is not divisible by 2"),
+        case("module-called-directly",  # LIN's own Parameters, not the params passed
+             lambda: pp.value_and_grad(lambda p, x: LIN(x).sum())(PARAMS, torch.ones(1, 3), loss_scale=DLS),
+             ValueError, "the loss does not depend on any floating-point leaf of params",
+             "calls the module itself (model(x))",
+             "pp.apply_with_policy(model, params, x, policy=policy)", "such as the module's own nn.Parameters"),
+        case("buffers-in-params", _buffers_in_the_step_params, ValueError,
+             "require grad", "pp.value_and_grad differentiates every floating leaf of its first",
+             "step(params, buffers, x, loss_scale=...)"),
+        case("loss-of-the-batch-only",
+             lambda: pp.value_and_grad(lambda p, x: x.sum())(PARAMS, torch.ones(3), loss_scale=DLS),
+             ValueError, "every gradient would be zero", "pp.apply_with_policy(model, params, x",
+             "frozen layers or an unused head, are fine", absent=("nn.Parameters",)),
     ],
     "clip_by_global_norm": [
         *(

@@ -447,12 +447,16 @@ def test_info_json_reports_devices_and_positive_throughputs() -> None:
     assert cpu["autocast"] == {"bfloat16": True, "float16": True}  # CPU autocast has both
     assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
     matmul = cpu["matmul"]
-    assert matmul["n"] >= 256
+    assert matmul["rounds"] == 5
+    assert matmul["sizes"][0] == 256 and set(matmul["sizes"]) <= {256, 512, 1024}
     assert set(matmul["gflops"]) == {"float32", "bfloat16", "float16"}
-    assert all(value > 0 for value in matmul["gflops"].values())
+    assert set(matmul["gflops"]["float32"]) == {str(n) for n in matmul["sizes"]}
+    assert all(v > 0 for by_size in matmul["gflops"].values() for v in by_size.values())
     for name in ("bfloat16", "float16"):
-        ratio = matmul["gflops"][name] / matmul["gflops"]["float32"]
-        assert matmul["ratio_to_float32"][name] == pytest.approx(ratio)
+        ratio = matmul["ratio_to_float32"][name]
+        assert set(ratio["by_size"]) == set(matmul["gflops"][name])  # sizes timed in both
+        assert ratio["timings"] == 5 * len(ratio["by_size"])  # one per size and round
+        assert 0 < ratio["low"] <= ratio["median"] <= ratio["high"]
     assert "a bf16 policy" in cpu["verdict"]
     flags = cpu["half_flags"]
     assert flags is None or set(flags) <= {"amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16"}
@@ -478,14 +482,67 @@ def test_info_prints_a_readable_report(capsys: pytest.CaptureFixture[str]) -> No
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"polprec {pp.__version__}, torch {torch.__version__}")
     assert lines[1].startswith("CPU ") and "AMX" in lines[1]
-    device_row, speed_row = (line.split() for line in lines if re.match(r"cpu {2,}\S", line))
+    device_row, *speed_rows = (line.split() for line in lines if re.match(r"cpu {2,}\S", line))
     assert device_row[-3:] == ["bfloat16", "yes", "yes"]  # half_dtype, autocast bf16, fp16
-    n, fp32, bf16, fp16, bf16_ratio, fp16_ratio = speed_row[1:]
-    assert int(n) >= 256
+    assert speed_rows[0][1] == "256"  # one row per size, from 256 up
+    fp32, bf16, fp16, bf16_ratio, fp16_ratio = speed_rows[0][2:]
     assert min(float(fp32), float(bf16), float(fp16)) > 0
     assert bf16_ratio.endswith("x") and fp16_ratio.endswith("x")
     verdicts = [line for line in lines if line.startswith("cpu (")]
     assert len(verdicts) == 1
-    assert verdicts[0].endswith(
-        ("a bf16 policy should pay on this machine", "a bf16 policy will not pay on this machine")
+    assert re.search(r"bf16/fp32 \d+\.\d\dx \(\d+\.\d\dx-\d+\.\d\dx\)", verdicts[0])
+    assert re.search(
+        r"a bf16 policy (should|will not) pay on this machine|whether a bf16 policy pays on "
+        r"this machine is unclear",
+        verdicts[0],
     )
+
+
+def _ratios(bf16: tuple[float, float], fp16: tuple[float, float]) -> dict[str, dict[str, float]]:
+    def spread(low: float, high: float) -> dict[str, float]:
+        return {"median": (low + high) / 2, "low": low, "high": high}
+
+    return {"bfloat16": spread(*bf16), "float16": spread(*fp16)}
+
+
+@pytest.mark.parametrize(
+    ("bf16", "fp16", "ending"),
+    [
+        ((1.5, 2.9), (0.02, 0.03), "a bf16 policy should pay on this machine"),
+        ((0.01, 0.03), (0.02, 0.03), "a bf16 policy will not pay on this machine"),
+        ((1.02, 1.15), (0.02, 0.03), "a bf16 policy will not pay on this machine"),  # < 1.2x
+        (
+            (0.8, 1.1),
+            (0.02, 0.03),
+            "unclear: the timings straddle 1x (rerun on an idle machine, or time your own model)",
+        ),
+        (
+            (1.1, 2.9),
+            (0.02, 0.03),
+            "unclear: the timings straddle 1.2x (rerun on an idle machine, or time your own model)",
+        ),
+        (
+            (0.9, 0.95),
+            (1.5, 1.9),
+            "will not pay on this machine; a float16 one (with loss scaling) should",
+        ),
+        ((0.9, 0.95), (0.9, 1.9), "; whether a float16 one (with loss scaling) would is unclear"),
+    ],
+)
+def test_info_gives_a_verdict_only_where_the_timings_agree(
+    bf16: tuple[float, float], fp16: tuple[float, float], ending: str
+) -> None:
+    from polprec.cli import _info
+
+    line = _info._verdict("cpu (X)", _ratios(bf16, fp16))
+    assert line.startswith(
+        f"cpu (X): bf16/fp32 {sum(bf16) / 2:.2f}x ({bf16[0]:.2f}x-{bf16[1]:.2f}x)"
+    )
+    assert line.endswith(ending)
+
+
+def test_info_spread_is_the_median_and_middle_half() -> None:
+    from polprec.cli import _info
+
+    spread = _info._spread([1.0, 5.0, 2.0, 3.0, 4.0])  # one outlier does not move it far
+    assert spread == {"median": 3.0, "low": 2.0, "high": 4.0, "timings": 5}

@@ -166,6 +166,47 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
     assert quiet.getvalue() == ""
 
 
+def test_skip_watch_reads_the_counter_every_n_steps_and_warns_once_per_run() -> None:
+    common = load("_common")
+
+    class State:  # an optimizer state whose skip counter counts its reads (each one a sync)
+        def __init__(self) -> None:
+            self.reads = 0
+            self.skips = 0
+
+        @property
+        def consecutive_skips(self) -> torch.Tensor:
+            self.reads += 1
+            return torch.tensor(self.skips)
+
+    log = io.StringIO()
+    bar = common.Progress(range(0), desc="run", stream=log, quiet=True)
+    watch, state = common.SkipWatch(bar, every=5, threshold=10), State()
+    for i, skips in enumerate([*range(1, 21), 0, 0, 0, 0, 0, *range(1, 16)]):
+        state.skips = skips  # twenty skips in a row, five applied steps, fifteen skips
+        watch.check(i, state)
+        if i == 8:
+            assert log.getvalue() == ""  # 9 skips: the last check (step 4) saw 5
+        if i == 19:
+            assert len(log.getvalue().splitlines()) == 1  # at step 9, not again at 14 and 19
+    assert state.reads == 40 // 5  # steps 4, 9, 14, ...: the steps between stay sync-free
+    warnings = log.getvalue().splitlines()
+    assert len(warnings) == 2  # once per run of skips that reached the threshold
+    assert warnings[0].startswith("run: warning: the last 10 steps were all skipped")
+    assert warnings[1].startswith("run: warning: the last 10 steps were all skipped")
+    assert "loss, grads, finite, loss_scale = step(..., loss_scale=loss_scale)" in warnings[0]
+    assert watch.longest == 20
+
+
+def test_train_digits_warns_when_nothing_trains(capsys: pytest.CaptureFixture[str]) -> None:
+    # A loss that overflows float16 at every loss scale: every step is skipped.
+    argv = ["--precision", "16-mixed", "--loss-weight", "1e30", "--quiet", "--steps", "30"]
+    (row,), _ = run_main("train_digits", [*argv, "--hidden", "16"])
+    assert row["skipped"] == 30
+    (line,) = capsys.readouterr().err.splitlines()  # quiet: no progress, but the warning
+    assert "warning: the last 10 steps were all skipped (state.consecutive_skips)" in line
+
+
 def test_example_logs_lines_not_bars_when_stderr_is_a_pipe() -> None:
     env = {**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}
     argv = ["--precision", "bf16-mixed", "--steps", "60", "--hidden", "16"]
