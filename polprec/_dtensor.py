@@ -16,7 +16,8 @@ data parallelism (DDP), ``Shard(d)`` fully sharded data parallelism (FSDP, ZeRO-
   eager kernels unscale and clip them, puts them back together, and agrees on a finite flag
   across their meshes; :func:`plain_flag` turns a DTensor flag into its global value.
 * :func:`local_shard`, :func:`shard_offset` and :func:`global_indices` say where a rank's
-  shard lies in the full tensor.
+  shard lies in the full tensor; :func:`wrap_like` lays a new local shard out as a DTensor
+  (``pp.optim`` updates the local shards and wraps them back).
 
 Importing ``torch.distributed.tensor`` costs about half a second, so polprec never does: a
 DTensor can only exist once its module is loaded, and :func:`any_dtensor` looks it up in
@@ -54,7 +55,9 @@ __all__ = [
     "local_shard",
     "plain_flag",
     "refuse_transforms",
+    "same_layout",
     "shard_offset",
+    "wrap_like",
 ]
 
 _MODULE = "torch.distributed.tensor"
@@ -322,6 +325,29 @@ class Shards:
             total = api.DTensor.from_local(local, mesh, placements, run_check=False).full_tensor()
             out.append(total if inf else total.pow(1.0 / p))
         return out
+
+
+def wrap_like(local: torch.Tensor, like: Any) -> torch.Tensor:
+    """``local`` as a DTensor laid out as ``like`` (its mesh, placements, shape and stride);
+    ``local`` itself where ``like`` is a plain tensor."""
+    if type(like) is torch.Tensor or not is_dtensor(like):
+        return local
+    wrapped: torch.Tensor = _api().DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+    return wrapped
+
+
+def same_layout(a: Any, b: Any) -> bool:
+    """Whether two DTensors lie on one mesh with the same placements (plain: both plain)."""
+    if not is_dtensor(a) or not is_dtensor(b):
+        return not is_dtensor(a) and not is_dtensor(b)
+    return bool(a.device_mesh == b.device_mesh and a.placements == b.placements)
 
 
 def plain_flag(flag: Any) -> torch.Tensor:

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import polprec as pp
+from polprec import _dtensor
 from polprec.optim import _rounding
 
 BF16, F16 = torch.bfloat16, torch.float16
@@ -133,7 +134,9 @@ def test_state_dtype_sets_the_moments_dtype() -> None:
 
 def _round(x: torch.Tensor, dtype: torch.dtype, seed: int = 0, step: int = 1) -> torch.Tensor:
     key = _rounding.leaf_key(torch.tensor(seed), torch.tensor(step, dtype=torch.int32), 0)
-    return _rounding.stochastic_round(x, dtype, _rounding.random_bits(_rounding.full_index(x), key))
+    return _rounding.stochastic_round(
+        x, dtype, _rounding.random_bits(_dtensor.global_indices(x), key)
+    )
 
 
 @pytest.mark.parametrize(
@@ -188,7 +191,7 @@ def test_stochastic_rounding_bits_come_from_the_state_alone() -> None:
     assert not torch.equal(a, _round(x, BF16, step=2))
     assert not torch.equal(a, _round(x, BF16, seed=1))
     bits = _rounding.random_bits(
-        _rounding.full_index(torch.empty(1 << 16)),
+        _dtensor.global_indices(torch.empty(1 << 16)),
         _rounding.leaf_key(torch.tensor(0), torch.tensor(1), _rounding.path_key("w")),
     )
     counts = torch.bincount((bits >> 28).flatten(), minlength=16).double()  # the top 4 bits

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from polprec import _fused, _tree
+from polprec import _dtensor, _fused, _tree
 from polprec._checks import check_grads_finite, check_number
 from polprec.optim._precision import Mode
 from polprec.optim._rounding import path_key
@@ -135,6 +135,7 @@ class Group(NamedTuple):
     keys: tuple[int, ...]  # path keys, for stochastic rounding
     names: tuple[str, ...]  # readable paths, for errors
     direct: bool  # every leaf updated on (copies of) itself, as torch.optim does
+    sharded: bool  # some leaves are DTensors: updated on their local shards
     fused: bool  # the optimizer's fused kernel implements its settings on this device
 
 
@@ -144,6 +145,13 @@ class Plan(NamedTuple):
     groups: tuple[Group, ...]
     active: tuple[int, ...]  # leaves with a gradient, in leaf order
     members: tuple[int, ...]  # which members have a group
+    sharded: bool  # some updated leaves are DTensors
+
+
+def _layout(x: Any) -> str:
+    if _dtensor.is_dtensor(x):
+        return f"a DTensor with placements {tuple(x.placements)} on {x.device_mesh}"
+    return f"a {type(x).__name__}"
 
 
 #: ``labels(flat, floats) -> member index per leaf`` (``None`` for the leaves no optimizer
@@ -151,18 +159,22 @@ class Plan(NamedTuple):
 Labels = Callable[[Flat, list[str]], list[int | None]] | None
 
 
+def _leaf_signature(x: Any) -> Any:
+    """What a plan depends on of one leaf: kind, dtype, device, shape (and a DTensor's layout)."""
+    if type(x) is torch.Tensor:
+        return (x.dtype, x.device, x.shape)
+    if isinstance(x, torch.Tensor):
+        layout = (x.device_mesh, x.placements) if _dtensor.is_dtensor(x) else ()  # type: ignore[attr-defined]
+        return (type(x), x.dtype, x.device, x.shape, *layout)
+    return type(x)
+
+
 def _signature(flat: Flat) -> tuple[Any, ...]:
-    """What the plan depends on: the structure and each leaf's kind, dtype, device, shape."""
+    """What the plan depends on: the structure and every leaf's signature."""
     return (
         flat.token(),
-        tuple(
-            (type(p), p.dtype, p.device, p.shape) if isinstance(p, torch.Tensor) else type(p)
-            for p in flat.leaves
-        ),
-        tuple(
-            (type(g), g.dtype, g.shape) if isinstance(g, torch.Tensor) else type(g)
-            for g in flat.grads
-        ),
+        tuple(_leaf_signature(p) for p in flat.leaves),
+        tuple(_leaf_signature(g) for g in flat.grads),
     )
 
 
@@ -191,14 +203,22 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
         if m is None:
             continue
         p = flat.leaves[i]
+        if not _dtensor.same_layout(p, flat.grads[i]):
+            raise ValueError(
+                f"the gradient of {names[i]} is not laid out as its parameter: "
+                f"{_layout(flat.grads[i])} against {_layout(p)}; a DTensor parameter needs a "
+                "DTensor gradient on its mesh with its placements (as value_and_grad returns)"
+            )
         mode = members[m].mode(p.dtype)
         grouped.setdefault((m, p.device, mode.work), []).append(i)
     groups = []
     for (m, device, work), idx in grouped.items():
         opt = members[m]
         modes = tuple(opt.mode(flat.leaves[i].dtype) for i in idx)
+        # DTensors are updated on their local shards: plain tensors to torch's kernels
+        sharded = any(_dtensor.is_dtensor(flat.leaves[i]) for i in idx)
         plain_tensors = all(
-            type(x) is torch.Tensor or type(x) is torch.nn.Parameter
+            type(x) is torch.Tensor or type(x) is torch.nn.Parameter or _dtensor.is_dtensor(x)
             for i in idx
             for x in (flat.leaves[i], flat.grads[i])
         )
@@ -209,15 +229,17 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
                 work=work,
                 idx=tuple(idx),
                 modes=modes,
-                shapes=tuple(flat.leaves[i].shape for i in idx),
+                shapes=tuple(_dtensor.local_shard(flat.leaves[i]).shape for i in idx),
                 keys=tuple(path_key(dotted[i]) for i in idx),
                 names=tuple(names[i] for i in idx),
                 direct=all(mode.direct for mode in modes),
+                sharded=sharded,
                 fused=opt.fusable() and device.type in _fused.OPTIM_DEVICES and plain_tensors,
             )
         )
     stepped = sorted(i for g in groups for i in g.idx)
-    return Plan(tuple(groups), tuple(stepped), tuple(sorted({g.member for g in groups})))
+    members_used = tuple(sorted({g.member for g in groups}))
+    return Plan(tuple(groups), tuple(stepped), members_used, any(g.sharded for g in groups))
 
 
 def active(flat: Flat, names: list[str]) -> list[int]:
@@ -288,6 +310,17 @@ def _column(
     slots = [[s[i] for i in idx] for s in held.slots]
     master = None if held.master is None else [held.master[i] for i in idx]
     comp = None if held.compensation is None else [held.compensation[i] for i in idx]
+    whole = [flat.leaves[i] for i in idx]
+    grads = [flat.grads[i] for i in idx]
+    params = whole
+    if group.sharded:  # the update is elementwise: each rank updates its own shards
+        local = _dtensor.local_shard
+        params, grads = [local(x) for x in whole], [local(x) for x in grads]
+        slots = [[local(x) if isinstance(x, torch.Tensor) else x for x in s] for s in slots]
+        master, comp = (
+            None if kept is None else [local(x) if isinstance(x, torch.Tensor) else x for x in kept]
+            for kept in (master, comp)
+        )
     shapes = list(group.shapes)
     fine = all(
         all(isinstance(x, torch.Tensor) for x in s) and [x.shape for x in s] == shapes
@@ -302,8 +335,9 @@ def _column(
             "this optimizer's init(params)"
         )
     return Column(
-        params=[flat.leaves[i] for i in idx],
-        grads=[flat.grads[i] for i in idx],
+        params=params,
+        grads=grads,
+        whole=whole,
         modes=group.modes,
         slots=slots,
         master=master,
@@ -432,6 +466,9 @@ def _finite(grads_finite: Any, flat: Flat, plan: Plan) -> torch.Tensor | None:
     grads = [flat.grads[i] for i in plan.active]
     if not grads:
         return None
+    if plan.sharded:  # each rank checks its shards, then every rank takes the same verdict
+        shards = _dtensor.Shards(grads)
+        return shards.agree(_fused.all_finite(shards.local))
     return _fused.all_finite(grads)
 
 
@@ -501,6 +538,8 @@ def step(
                 after = count if finite is None else counted.step + 1
                 scalars[m] = opt.scalars(after, rates[m])
             res = plain(col, opt.rule, scalars[m], finite=finite)
+        if group.sharded:
+            res = _rewrap(res, col, held[m], group)
         for i, new in zip(group.idx, res.params, strict=True):
             new_leaves[i] = new
         results[m].append((group, res))
@@ -512,6 +551,36 @@ def step(
         s.replace(step=count, skips=skips, consecutive_skips=consecutive) for s in new_states
     ]
     return flat.rebuild(new_leaves), new_states, counts
+
+
+def _rewrap(res: Result, col: Column, held: Held, group: Group) -> Result:
+    """A sharded group's new local shards as DTensors laid out as the tensors they replace.
+
+    A shard updated in place (donated) gives back the tensor it came from, so that a module's
+    own parameters (FSDP2's) stay the objects the module holds.
+    """
+    idx = group.idx
+
+    def wrap(new: torch.Tensor | None, local: Any, whole: Any) -> Any:
+        if new is None or new is local:
+            return None if new is None else whole
+        return _dtensor.wrap_like(new, whole)
+
+    def column(new: list[Any], local: list[Any] | None, kept: list[Any] | None) -> list[Any]:
+        if kept is None:
+            return new
+        local = local or [None] * len(new)
+        return [wrap(t, lo, kept[i]) for t, lo, i in zip(new, local, idx, strict=True)]
+
+    return Result(
+        params=[wrap(t, lo, x) for t, lo, x in zip(res.params, col.params, col.whole, strict=True)],
+        slots=[
+            column(new, local, s)
+            for new, local, s in zip(res.slots, col.slots, held.slots, strict=True)
+        ],
+        master=column(res.master, col.master, held.master),
+        compensation=column(res.compensation, col.compensation, held.compensation),
+    )
 
 
 def _new_state(

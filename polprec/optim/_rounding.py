@@ -19,7 +19,6 @@ import torch
 
 __all__ = [
     "HALF",
-    "full_index",
     "kahan_split",
     "leaf_key",
     "path_key",
@@ -66,11 +65,6 @@ def leaf_key(seed: torch.Tensor, step: torch.Tensor, leaf: int) -> torch.Tensor:
     seed and step count."""
     mixed_step = _mix(step.to(torch.int64) & _MASK)
     return _mix((_mix((seed & _MASK) ^ mixed_step) + ((leaf * 0x9E3779B9) & _MASK)) & _MASK)
-
-
-def full_index(like: torch.Tensor) -> torch.Tensor:
-    """Each element's flat index in ``like`` (int64, ``like``'s shape): a whole tensor's."""
-    return torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
 
 
 def random_bits(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import torch
 
 from polprec import _fused
+from polprec._dtensor import global_indices
 from polprec.optim._precision import Mode
-from polprec.optim._rounding import full_index, kahan_split, leaf_key, random_bits, round_to
+from polprec.optim._rounding import kahan_split, leaf_key, random_bits, round_to
 
 __all__ = ["Buffers", "Column", "Result", "fused", "plain"]
 
@@ -42,8 +43,9 @@ class Buffers(NamedTuple):
 class Column(NamedTuple):
     """One group's leaves this step, position by position."""
 
-    params: list[torch.Tensor]
+    params: list[torch.Tensor]  # (a DTensor's local shard)
     grads: list[torch.Tensor]
+    whole: list[torch.Tensor]  # the parameters as given (DTensors whole), for element indices
     modes: tuple[Mode, ...]
     slots: list[list[torch.Tensor]]  # one list per moment
     master: list[Any] | None  # float32 master copies (``None`` where the mode has none)
@@ -62,10 +64,10 @@ class Result(NamedTuple):
     compensation: list[torch.Tensor | None]
 
 
-def _bits(col: Column, j: int, like: torch.Tensor) -> torch.Tensor | None:
+def _bits(col: Column, j: int) -> torch.Tensor | None:
     if not col.modes[j].stochastic or col.seed is None:
         return None
-    return random_bits(full_index(like), leaf_key(col.seed, col.step, col.keys[j]))
+    return random_bits(global_indices(col.whole[j]), leaf_key(col.seed, col.step, col.keys[j]))
 
 
 def _work_param(col: Column, j: int, *, copy: bool) -> torch.Tensor:
@@ -100,11 +102,11 @@ def finish(
     mode, p = col.modes[j], col.params[j]
     master = comp = None
     if mode.kahan:
-        new, comp = kahan_split(work, p.dtype, _bits(col, j, work))
+        new, comp = kahan_split(work, p.dtype, _bits(col, j))
         if finite is not None:
             comp = torch.where(finite, comp, col.compensation[j])  # type: ignore[index]
     else:
-        new = round_to(work, p.dtype, _bits(col, j, work))
+        new = round_to(work, p.dtype, _bits(col, j))
         if mode.master:
             master = work
             if finite is not None and not exact_skip:
