@@ -16,7 +16,7 @@ import torch
 
 import polprec as pp
 from polprec import _fused
-from polprec.optim import _engine
+from polprec.optim import _plan
 
 
 def _params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -65,9 +65,9 @@ def test_the_common_step_is_torchs_fused_step(ours: Any, theirs: Any, donate: bo
 
 def _count_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     made: list[int] = []
-    make = _engine._make_plan
+    make = _plan._make_plan
     monkeypatch.setattr(
-        _engine,
+        _plan,
         "_make_plan",
         lambda *a: (made.append(1), make(*a))[1],  # type: ignore[func-returns-value]
     )
@@ -97,10 +97,10 @@ def test_the_plan_is_made_once_per_structure(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_the_kept_plans_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     opt = pp.optim.sgd(0.1)
-    for n in range(1, _engine._MAX_PLANS + 5):
+    for n in range(1, _plan._MAX_PLANS + 5):
         params = {"w": torch.ones(n)}
         opt.step(params, {"w": torch.ones(n)}, opt.init(params))
-    assert len(opt._plans) == _engine._MAX_PLANS
+    assert len(opt._plans) == _plan._MAX_PLANS
 
 
 def test_the_common_step_is_fused_and_pure(monkeypatch: pytest.MonkeyPatch) -> None:

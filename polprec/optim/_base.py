@@ -21,7 +21,7 @@ import torch
 
 from polprec import _tree
 from polprec._checks import check_int, check_number
-from polprec.optim import _engine, _precision
+from polprec.optim import _engine, _plan, _precision
 from polprec.optim._precision import Mode, check_bool
 from polprec.optim._states import OptState
 from polprec.optim._torch import from_torch
@@ -89,7 +89,7 @@ class Optimizer:
     _modes: dict[torch.dtype, Mode] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _plans: dict[Any, _engine.Plan] = dataclasses.field(
+    _plans: dict[Any, _plan.Plan] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 

@@ -12,7 +12,7 @@ from polprec import _tree
 from polprec._checks import check_int
 from polprec.optim import _engine
 from polprec.optim._base import Optimizer
-from polprec.optim._engine import Flat
+from polprec.optim._plan import Flat, Plan
 from polprec.optim._precision import check_bool
 from polprec.optim._states import COUNTERS, PartitionState
 from polprec.optim._torch import check_group, from_torch_ids
@@ -51,7 +51,7 @@ class Partition:
         self._names = tuple(self.optimizers)
         self._members = tuple(self.optimizers.values())
         self._index = {name: m for m, name in enumerate(self._names)}
-        self._plans: dict[Any, _engine.Plan] = {}
+        self._plans: dict[Any, Plan] = {}
 
     def __repr__(self) -> str:
         labels = getattr(self.labels, "__name__", None) if callable(self.labels) else None

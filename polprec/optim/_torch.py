@@ -10,7 +10,7 @@ import torch
 
 from polprec import _fused, _tree
 from polprec._checks import check_grads_finite
-from polprec.optim._engine import Flat, active
+from polprec.optim._plan import Flat, active
 
 __all__ = ["check_group", "from_torch", "step_torch"]
 
