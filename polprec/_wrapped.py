@@ -61,14 +61,27 @@ def _generation() -> tuple[int, int]:
     return _REGISTERED[0], len(_FSDP[0][2]) if _FSDP else 0
 
 
+#: The wrapper classes by name, for the check while tracing (see refuse_wrapped).
+_WRAPPER_NAMES = frozenset({"DistributedDataParallel", "FSDPModule", "FullyShardedDataParallel"})
+
+
+def _traced_check(module: nn.Module) -> None:
+    """The check while ``torch.compile`` traces: by the names in each class's MRO, which the
+    traced graph holds as constants, so that no global the eager check fills in (``_FSDP``)
+    becomes a guard that recompiles the step once it is filled."""
+    for path, sub in module.named_modules(remove_duplicate=False):
+        if any(c.__name__ in _WRAPPER_NAMES for c in type(sub).__mro__):
+            raise TypeError(_message(module, path, sub))
+
+
 def refuse_wrapped(module: nn.Module) -> None:
     """Raise a ``TypeError`` if ``module`` or a submodule is a DDP, FSDP2 or FSDP module."""
+    if torch.compiler.is_compiling():
+        _traced_check(module)
+        return
     wrappers = _wrappers()
     if isinstance(module, wrappers):  # checked on every call: wrapping the root is common
         raise TypeError(_message(module, "", module))
-    if torch.compiler.is_compiling():  # a constant of the traced graph: walk, keep nothing
-        _check_submodules(module, wrappers)
-        return
     if not _HOOK:
         _HOOK.append(
             nn.modules.module.register_module_module_registration_hook(_count_registration)
@@ -95,11 +108,9 @@ def _kind(wrapper: nn.Module) -> tuple[str, str]:
             "gradients of the tensors you pass would not be averaged and the ranks would "
             "drift apart",
         )
-    fsdp2 = _FSDP[0][0]
+    fsdp2 = any(c.__name__ == "FSDPModule" for c in type(wrapper).__mro__)
     return (
-        "an FSDP2 module (fully_shard)"
-        if isinstance(wrapper, fsdp2)
-        else "a FullyShardedDataParallel (FSDP1) module",
+        "an FSDP2 module (fully_shard)" if fsdp2 else "a FullyShardedDataParallel (FSDP1) module",
         "FSDP all-gathers its own sharded parameters before each forward and computes with "
         "them instead of the tensors you pass, so every gradient would be zero",
     )

@@ -338,3 +338,29 @@ def test_a_policy_without_autocast_switches_off_an_enclosing_one(policy: str) ->
         assert torch.is_autocast_enabled("cpu")  # restored after the call
     assert inside.dtype == plain.dtype == pp.get_policy(policy).output_dtype
     assert torch.equal(inside, plain)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_does_not_recompile_once_the_wrapper_classes_are_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The eager refusal of DDP/FSDP modules learns FSDP's classes on first use; while tracing
+    # it must not, or the learned classes become a guard that recompiles the whole step.
+    import torch.distributed.fsdp
+
+    from polprec import _wrapped
+
+    monkeypatch.setattr(_wrapped, "_FSDP", [])
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return pp.apply_with_policy(model, p, x, policy="bf16-mixed").float().pow(2).mean()
+
+    step = torch.compile(pp.value_and_grad(loss_fn), fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 4)
+    step(params, x, loss_scale=pp.NoOpLossScale())
+    pp.apply_with_policy(model, params, x, policy="bf16-mixed")  # an eager call learns them
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss, _, finite, _ = step(params, x, loss_scale=pp.NoOpLossScale())
+    assert bool(finite) and loss.dim() == 0
