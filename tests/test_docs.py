@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -122,25 +123,30 @@ def _page_id(page: Path) -> str:
 )
 @pytest.mark.usefixtures("docs_environment")
 def test_page_code_runs(page: Path) -> None:
-    namespace: dict[str, object] = {"__name__": "__main__"}
-    ran = 0
     try:
-        for block in ALL_BLOCKS[page]:
-            if block.not_run:
-                continue
-            # Line numbers in tracebacks point into the page.
-            code = compile("\n" * block.line + block.code, str(block.page), "exec")
-            try:
-                exec(code, namespace)
-            except BaseException as err:
-                err.add_note(f"in the code block at {block.where}")
-                raise
-            ran += 1
+        ran = run_page(page, {"__name__": "__main__"})
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
             pytest.fail(f"{_page_id(page)} leaves a process group initialised")
     assert ran >= 1
+
+
+def run_page(page: Path, namespace: dict[str, Any]) -> int:
+    """Run the blocks of ``page`` in order in ``namespace``; the number of blocks run."""
+    ran = 0
+    for block in ALL_BLOCKS[page]:
+        if block.not_run:
+            continue
+        # Line numbers in tracebacks point into the page (and inspect.getsource reads it).
+        code = compile("\n" * block.line + block.code, str(block.page), "exec")
+        try:
+            exec(code, namespace)
+        except BaseException as err:
+            err.add_note(f"in the code block at {block.where}")
+            raise
+        ran += 1
+    return ran
 
 
 def test_teaching_pages_have_code_that_runs() -> None:
