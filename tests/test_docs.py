@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -233,6 +234,56 @@ def test_the_gradscaler_recipe_states_its_true_line_counts() -> None:
     )
     assert stated, "the section states both line counts"
     assert [int(stated[1]), int(stated[2])] == counts
+
+
+def test_the_nanogpt_page_states_its_true_line_counts() -> None:
+    # The nanoGPT guide prints the non-blank line counts of its two loop functions and states
+    # them in its text.
+    page = DOCS / "guides" / "nanogpt.md"
+    counts = {}
+    for block in ALL_BLOCKS[page]:
+        for node in ast.parse(block.code).body:
+            if isinstance(node, ast.FunctionDef) and node.name in ("train_torch", "train_pp"):
+                source = ast.get_source_segment(block.code, node) or ""
+                counts[node.name] = sum(1 for x in source.splitlines() if x.strip())
+    stated = re.search(
+        r"`train_torch` is \*\*(\d+) lines\*\* and `train_pp` \*\*(\d+)\*\*",
+        " ".join(page.read_text("utf-8").split()),
+    )
+    assert stated, "the page states both line counts"
+    assert [int(stated[1]), int(stated[2])] == [counts["train_torch"], counts["train_pp"]]
+
+
+@pytest.mark.usefixtures("docs_environment")
+def test_the_nanogpt_loops_agree_bit_for_bit_with_the_fused_adamw() -> None:
+    # The nanoGPT guide says why its two runs differ in the last bits: the torch loop's AdamW
+    # runs torch's foreach code and takes a float64 learning rate. With torch's fused AdamW (the
+    # kernel pp.optim runs in eager mode) and the schedule's float32 rate they are equal.
+    page = DOCS / "guides" / "nanogpt.md"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the same for both runs
+    try:
+        ns: dict[str, Any] = {"__name__": "__main__"}
+        run_page(page, ns)
+        torch.manual_seed(1337)  # the page's initial weights
+        model = ns["GPT"](ns["GPTConfig"](vocab_size=len(ns["chars"])))
+        groups = [
+            {"params": [p for p in model.parameters() if p.dim() >= 2]},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        lr, betas = ns["learning_rate"], (ns["beta1"], ns["beta2"])
+        fused = torch.optim.AdamW(
+            groups, lr=lr, betas=betas, weight_decay=ns["weight_decay"], fused=True
+        )
+        ns.update(model=model, optimizer=fused, torch_log=[])
+        ns["get_lr"] = lambda it: float(lr * ns["schedule"](it + 1))
+        torch.manual_seed(1)
+        ns["train_torch"]()
+    finally:
+        torch.set_num_threads(threads)
+    trained = ns["params"]  # the polprec loop's, from the page
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[name]), name
 
 
 def test_plot_on_the_loss_scaling_page_exists() -> None:
