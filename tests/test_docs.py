@@ -88,10 +88,11 @@ def docs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
     No precision from the caller's environment; a scratch working directory; the variables
     ``torchrun`` sets for a one-process job (the distributed guide calls
     ``init_process_group("gloo")`` as it would under ``torchrun``); this checkout first on
-    ``PYTHONPATH`` for commands the page runs. Environment, ``sys.argv`` and ``sys.path``
-    are restored afterwards, whatever the page changed.
+    ``PYTHONPATH`` for commands the page runs. Environment, ``sys.argv``, ``sys.path`` and
+    torch's number of threads are restored afterwards, whatever the page changed.
     """
     saved = dict(os.environ), list(sys.argv), list(sys.path)
+    threads = torch.get_num_threads()
     monkeypatch.chdir(tmp_path)
     for name in ("POLPREC_PRECISION", "POLPREC_PRECISION_FROM_CLI"):
         os.environ.pop(name, None)
@@ -111,6 +112,7 @@ def docs_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterato
         os.environ.clear()
         os.environ.update(saved[0])
         sys.argv[:], sys.path[:] = saved[1], saved[2]
+        torch.set_num_threads(threads)
 
 
 def _page_id(page: Path) -> str:
