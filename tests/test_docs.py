@@ -262,27 +262,22 @@ def test_the_nanogpt_loops_agree_bit_for_bit_with_the_fused_adamw() -> None:
     # runs torch's foreach code and takes a float64 learning rate. With torch's fused AdamW (the
     # kernel pp.optim runs in eager mode) and the schedule's float32 rate they are equal.
     page = DOCS / "guides" / "nanogpt.md"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the same for both runs
-    try:
-        ns: dict[str, Any] = {"__name__": "__main__"}
-        run_page(page, ns)
-        torch.manual_seed(1337)  # the page's initial weights
-        model = ns["GPT"](ns["GPTConfig"](vocab_size=len(ns["chars"])))
-        groups = [
-            {"params": [p for p in model.parameters() if p.dim() >= 2]},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        lr, betas = ns["learning_rate"], (ns["beta1"], ns["beta2"])
-        fused = torch.optim.AdamW(
-            groups, lr=lr, betas=betas, weight_decay=ns["weight_decay"], fused=True
-        )
-        ns.update(model=model, optimizer=fused, torch_log=[])
-        ns["get_lr"] = lambda it: float(lr * ns["schedule"](it + 1))
-        torch.manual_seed(1)
-        ns["train_torch"]()
-    finally:
-        torch.set_num_threads(threads)
+    ns: dict[str, Any] = {"__name__": "__main__"}
+    run_page(page, ns)  # on one thread, as the page sets
+    torch.manual_seed(1337)  # the page's initial weights
+    model = ns["GPT"](ns["GPTConfig"](vocab_size=len(ns["chars"])))
+    groups = [
+        {"params": [p for p in model.parameters() if p.dim() >= 2]},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    lr, betas = ns["learning_rate"], (ns["beta1"], ns["beta2"])
+    fused = torch.optim.AdamW(
+        groups, lr=lr, betas=betas, weight_decay=ns["weight_decay"], fused=True
+    )
+    ns.update(model=model, optimizer=fused, torch_log=[])
+    ns["get_lr"] = lambda it: float(lr * ns["schedule"](it + 1))
+    torch.manual_seed(1)
+    ns["train_torch"]()
     trained = ns["params"]  # the polprec loop's, from the page
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), trained[name]), name
