@@ -249,6 +249,12 @@ def apply_with_policy(
             f"apply_with_policy got {kwargs!r} where kwargs goes; the policy is keyword-only: "
             f"apply_with_policy(module, params, args, policy={kwargs!r})"
         )
+    elif isinstance(kwargs, torch.Tensor):
+        raise TypeError(
+            "apply_with_policy got a tensor where kwargs goes: a module with several positional "
+            "inputs takes them as one tuple, as functional_call does: "
+            "apply_with_policy(module, params, (x, y), policy=...)"
+        )
     elif not isinstance(kwargs, Mapping):
         raise TypeError(f"kwargs must be a dict or None, got {type(kwargs).__name__}")
     if policy is _REQUIRED:

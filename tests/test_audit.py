@@ -714,6 +714,9 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("tuple-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), kwargs=(1,), policy=32),  # type: ignore[arg-type]
              TypeError, "tuple"),
+        case("second-positional-input",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
+             TypeError, "several positional inputs", "(x, y)"),
         case("list-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMETERS, torch.ones(1, 3), kwargs=[1], policy="bf16-mixed"),  # type: ignore[arg-type]
              TypeError, "kwargs"),
