@@ -12,9 +12,6 @@ leaves are laid out: the position of a leaf in its tree, the optimizer group it 
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable
-
 import torch
 
 __all__ = [
@@ -48,16 +45,16 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def _path_key(path: str) -> int:
+def path_key(path: str) -> int:
     """A 32-bit number for a leaf's dotted key path (``"blocks.0.ln_1.weight"``).
 
-    CRC-32 of its UTF-8 bytes: the same in every process (unlike ``hash(str)``); a constant
-    to ``torch.compile``, which does not trace into ``zlib``.
+    FNV-1a over the path's code points, in plain Python: the same number in every process
+    (unlike ``hash(str)``), and a constant that ``torch.compile`` folds while tracing.
     """
-    return zlib.crc32(path.encode("utf-8"))
-
-
-path_key: Callable[[str], int] = torch.compiler.assume_constant_result(_path_key)  # type: ignore[no-untyped-call]
+    key = 0x811C9DC5
+    for char in path:
+        key = ((key ^ ord(char)) * 0x01000193) & _MASK
+    return key
 
 
 def leaf_key(seed: torch.Tensor, step: torch.Tensor, leaf: int) -> torch.Tensor:
