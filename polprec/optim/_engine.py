@@ -76,7 +76,7 @@ def _column(
         for s in slots
     )
     if not fine or not group.direct:
-        _check_state(group, opt, slots, master, comp)
+        _check_state(group, flat, opt, slots, master, comp)
     seed = state.seed
     if seed is None and any(m.stochastic for m in group.modes):
         raise ValueError(
@@ -97,7 +97,9 @@ def _column(
     )
 
 
-def _check_state(group: Group, opt: Any, slots: list[list[Any]], master: Any, comp: Any) -> None:
+def _check_state(
+    group: Group, flat: Flat, opt: Any, slots: list[list[Any]], master: Any, comp: Any
+) -> None:
     """Every updated leaf has the state its mode needs, in its shape."""
     names = opt.slots()
     for j, (mode, shape) in enumerate(zip(group.modes, group.shapes, strict=True)):
@@ -110,7 +112,7 @@ def _check_state(group: Group, opt: Any, slots: list[list[Any]], master: Any, co
             if not isinstance(x, torch.Tensor) or x.shape != shape:
                 got = "nothing" if x is None else f"shape {tuple(getattr(x, 'shape', ()))}"
                 raise ValueError(
-                    f"state.{name} has {got} for parameter {group.names[j]} ({mode.param}, "
+                    f"state.{name} has {got} for parameter {flat.name(group.idx[j])} ({mode.param}, "
                     f"shape {tuple(shape)}): the state was made for other parameters or "
                     f"settings; make one with {type(opt).__name__}.init(params)"
                 )

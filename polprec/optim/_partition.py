@@ -69,16 +69,14 @@ class Partition:
         else:
             given = flat.align(self.labels, "labels")
         out: list[int | None] = []
-        names = None
         for i, (label, p) in enumerate(zip(given, flat.leaves, strict=True)):
             if not _tree.is_float_tensor(p):
                 out.append(None)
                 continue
             m = self._index.get(label) if isinstance(label, str) else None
             if m is None:
-                names = names or flat.paths()[1]
                 raise ValueError(
-                    f"labels gives {label!r} for parameter {names[i]}; every floating "
+                    f"labels gives {label!r} for parameter {flat.name(i)}; every floating "
                     f"parameter needs one of the labels of optimizers: {list(self._names)}"
                 )
             out.append(m)
@@ -97,7 +95,7 @@ class Partition:
         seed = check_int("seed", seed, minimum=0)
         _tree.check_tree(params, "params")
         flat = Flat.of(params)
-        label_of = self._assign(flat, flat.paths()[0])
+        label_of = self._assign(flat, flat.dotted())
         spec = _tree.tree_structure(params)
         count = _engine.zero_count(flat.leaves)
         counters = {"step": count, "skips": count.clone(), "consecutive_skips": count.clone()}
@@ -187,7 +185,7 @@ class Partition:
             )
         _tree.check_tree(params, "params")
         flat = Flat.of(params)
-        label_of = self._assign(flat, flat.paths()[0])
+        label_of = self._assign(flat, flat.dotted())
         spec = _tree.tree_structure(params)
         states = {}
         for m, (name, opt) in enumerate(self.optimizers.items()):

@@ -70,12 +70,20 @@ class Flat:
         """The structure, as a hashable value."""
         return ("dict", self.keys) if self.keys is not None else self.spec
 
-    def paths(self) -> tuple[list[str], list[str]]:
-        """Each leaf's dotted key path (``"blocks.0.weight"``) and its readable name."""
+    def dotted(self) -> list[str]:
+        """Each leaf's dotted key path (``"blocks.0.weight"``), for labels and path keys."""
         if self.keys is not None:
-            return [str(k) for k in self.keys], [_tree.path_str((k,)) for k in self.keys]
+            return [str(k) for k in self.keys]
         raw, _, _ = _tree.tree_flatten_with_path(self.params)
-        return [".".join(str(k) for k in p) for p in raw], [_tree.path_str(p) for p in raw]
+        return [".".join(str(k) for k in p) for p in raw]
+
+    def name(self, i: int) -> str:
+        """The readable path of leaf ``i`` (``layer.w``, ``['0.weight']``), for errors only:
+        worked out when one is raised, so that a traced step does not trace it."""
+        if self.keys is not None:
+            return _tree.path_str((self.keys[i],))
+        raw, _, _ = _tree.tree_flatten_with_path(self.params)
+        return _tree.path_str(raw[i])
 
     def align(self, tree: Any, name: str) -> list[Any]:
         """The leaves of a tree shaped like ``params`` (a state's), lined up with them."""
@@ -119,8 +127,7 @@ class Group(NamedTuple):
     idx: tuple[int, ...]  # leaf positions
     modes: tuple[Mode, ...]
     shapes: tuple[torch.Size, ...]
-    keys: tuple[int, ...]  # path keys, for stochastic rounding
-    names: tuple[str, ...]  # readable paths, for errors
+    keys: tuple[int, ...]  # path keys, for stochastic rounding (empty when no leaf rounds so)
     direct: bool  # every leaf updated on (copies of) itself, as torch.optim does
     sharded: bool  # some leaves are DTensors: updated on their local shards
     fused: bool  # the optimizer's fused kernel implements its settings on this device
@@ -181,9 +188,13 @@ def plan_for(plans: dict[Any, Plan], flat: Flat, members: Sequence[Any], labels:
 
 
 def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
-    dotted, names = flat.paths()
-    updated = active(flat, names)
-    label_of: list[int | None] = [0] * len(flat.leaves) if labels is None else labels(flat, dotted)
+    updated = active(flat)
+    dotted: list[str] | None = None  # worked out only where labels or path keys need it
+    if labels is None:
+        label_of: list[int | None] = [0] * len(flat.leaves)
+    else:
+        dotted = flat.dotted()
+        label_of = labels(flat, dotted)
     grouped: dict[tuple[int, torch.device, torch.dtype], list[int]] = {}
     for i in updated:
         m = label_of[i]
@@ -192,7 +203,7 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
         p = flat.leaves[i]
         if not _dtensor.same_layout(p, flat.grads[i]):
             raise ValueError(
-                f"the gradient of {names[i]} is not laid out as its parameter: "
+                f"the gradient of {flat.name(i)} is not laid out as its parameter: "
                 f"{_layout(flat.grads[i])} against {_layout(p)}; a DTensor parameter needs a "
                 "DTensor gradient on its mesh with its placements (as value_and_grad returns)"
             )
@@ -202,6 +213,8 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
     for (m, device, work), idx in grouped.items():
         opt = members[m]
         modes = tuple(opt.mode(flat.leaves[i].dtype) for i in idx)
+        if dotted is None and any(mode.stochastic for mode in modes):
+            dotted = flat.dotted()
         # DTensors are updated on their local shards: plain tensors to torch's kernels
         sharded = any(_dtensor.is_dtensor(flat.leaves[i]) for i in idx)
         plain_tensors = all(
@@ -217,8 +230,7 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
                 idx=tuple(idx),
                 modes=modes,
                 shapes=tuple(_dtensor.local_shard(flat.leaves[i]).shape for i in idx),
-                keys=tuple(path_key(dotted[i]) for i in idx),
-                names=tuple(names[i] for i in idx),
+                keys=tuple(path_key(dotted[i]) for i in idx) if dotted is not None else (),
                 direct=all(mode.direct for mode in modes),
                 sharded=sharded,
                 fused=opt.fusable() and device.type in _fused.OPTIM_DEVICES and plain_tensors,
@@ -229,7 +241,7 @@ def _make_plan(flat: Flat, members: Sequence[Any], labels: Labels) -> Plan:
     return Plan(tuple(groups), tuple(stepped), members_used, any(g.sharded for g in groups))
 
 
-def active(flat: Flat, names: list[str]) -> list[int]:
+def active(flat: Flat) -> list[int]:
     """The leaves to update (floating, with a gradient), after checking every gradient."""
     found = []
     for i, (p, g) in enumerate(zip(flat.leaves, flat.grads, strict=True)):
@@ -237,24 +249,24 @@ def active(flat: Flat, names: list[str]) -> list[int]:
             continue
         if isinstance(p, torch.Tensor) and p.is_complex():
             raise TypeError(
-                f"parameter {names[i]} is complex ({p.dtype}); polprec.optim updates real "
+                f"parameter {flat.name(i)} is complex ({p.dtype}); polprec.optim updates real "
                 "floating-point parameters (pass torch.view_as_real(p))"
             )
         if not _tree.is_float_tensor(p):
             if isinstance(g, torch.Tensor):
                 raise ValueError(
-                    f"grads has a tensor at {names[i]}, where params has a non-floating "
+                    f"grads has a tensor at {flat.name(i)}, where params has a non-floating "
                     f"{type(p).__name__} leaf; its gradient must be None"
                 )
             continue
         if not isinstance(g, torch.Tensor) or not g.is_floating_point():
             got = f"dtype {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
             raise TypeError(
-                f"the gradient of {names[i]} must be a floating tensor or None, got {got}"
+                f"the gradient of {flat.name(i)} must be a floating tensor or None, got {got}"
             )
         if g.shape != p.shape:
             raise ValueError(
-                f"the gradient of {names[i]} has shape {tuple(g.shape)}, its parameter "
+                f"the gradient of {flat.name(i)} has shape {tuple(g.shape)}, its parameter "
                 f"{tuple(p.shape)}"
             )
         found.append(i)

@@ -254,7 +254,6 @@ def step_torch(
     _tree.check_tree(grads, "grads")
     finite = check_grads_finite(grads_finite)
     flat = Flat(params, grads)
-    names = flat.paths()[1]
     held = {id(p): p for group in optimizer.param_groups for p in group["params"]}
     named: set[int] = set()
     with_grad: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -263,17 +262,17 @@ def step_torch(
             continue
         if id(p) not in held:
             raise ValueError(
-                f"params has a tensor at {names[i]} that {type(optimizer).__name__} "
+                f"params has a tensor at {flat.name(i)} that {type(optimizer).__name__} "
                 "does not hold; pass the parameters it was built with, "
                 "dict(model.named_parameters()), not detached copies"
             )
         named.add(id(p))
         with_grad.setdefault(id(p), (p, None))
-    for i in active(flat, names):
+    for i in active(flat):
         p, g = flat.leaves[i], flat.grads[i]
         if (g.dtype, g.device) != (p.dtype, p.device):
             raise ValueError(
-                f"the gradient of {names[i]} is {g.dtype} on {g.device} but the "
+                f"the gradient of {flat.name(i)} is {g.dtype} on {g.device} but the "
                 f"parameter is {p.dtype} on {p.device}; torch.optim needs each gradient in "
                 "its parameter's dtype and device (value_and_grad returns them so)"
             )
