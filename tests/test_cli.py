@@ -450,7 +450,9 @@ def test_info_json_reports_devices_and_positive_throughputs() -> None:
     assert matmul["rounds"] == 5
     assert matmul["sizes"][0] == 256 and set(matmul["sizes"]) <= {256, 512, 1024}
     assert set(matmul["gflops"]) == {"float32", "bfloat16", "float16"}
-    assert set(matmul["gflops"]["float32"]) == {str(n) for n in matmul["sizes"]}
+    # every dtype is timed at the first size; a busy machine may stop one before the larger
+    assert "256" in matmul["gflops"]["float32"]
+    assert set(matmul["gflops"]["float32"]) <= {str(n) for n in matmul["sizes"]}
     assert all(v > 0 for by_size in matmul["gflops"].values() for v in by_size.values())
     for name in ("bfloat16", "float16"):
         ratio = matmul["ratio_to_float32"][name]
