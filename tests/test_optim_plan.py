@@ -223,3 +223,32 @@ def test_a_donated_step_updates_parameters_that_require_grad_in_place() -> None:
 def test_an_optimizer_is_not_iterable_like_torchs() -> None:
     with pytest.raises(TypeError, match=r"opt_state.state_dict\(\)"):
         iter(pp.optim.adamw())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"master_weights": False},
+        {"rounding": "stochastic"},
+        {"kahan": True},
+        {"master_weights": False, "state_dtype": torch.bfloat16},
+    ],
+    ids=["master", "nearest", "stochastic", "kahan", "bf16-moments"],
+)
+def test_a_donated_step_updates_16_bit_parameters_in_place(options: dict[str, Any]) -> None:
+    # a module route on a bf16 model: the update runs in float32 and lands in the module
+    model = torch.nn.Linear(3, 2).bfloat16()
+    params = dict(model.named_parameters())
+    opt = pp.optim.adamw(1e-2, **options)
+    state = opt.init(params)
+    grads = {k: torch.ones_like(p) for k, p in params.items()}
+    pure, pure_state = opt.step({k: v.detach().clone() for k, v in params.items()}, grads, state)
+    before = model.weight.detach().clone()
+    new, new_state = opt.step(params, grads, state, donate=True)
+    assert all(new[k] is params[k] for k in params)  # the module's own parameters, updated
+    assert not torch.equal(model.weight.detach(), before)
+    for k in params:
+        assert torch.equal(new[k].detach(), pure[k])
+    for a, b in zip(pp._tree.tree_leaves(new_state), pp._tree.tree_leaves(pure_state), strict=True):
+        assert torch.equal(a, b)

@@ -174,6 +174,27 @@ def fused(
         out.params.append(p)
         out.master.append(m)
         out.compensation.append(c)
+    if donate:  # what came out in another dtype goes into the buffer it replaces
+        out = Result(
+            _into(out.params, col.params),
+            [_into(new, old) for new, old in zip(out.slots, col.slots, strict=True)],
+            out.master,
+            out.compensation
+            if col.compensation is None
+            else _into(out.compensation, col.compensation),
+        )
+    return out
+
+
+def _into(new: list[Any], old: list[Any]) -> list[Any]:
+    """``new`` written into ``old``'s buffers where it is a fresh tensor (a donated step on
+    16-bit parameters: the update ran in float32 and was rounded into a new tensor)."""
+    out = []
+    for x, y in zip(new, old, strict=True):
+        if x is not None and y is not None and x is not y:
+            y.copy_(x)
+            x = y
+        out.append(x)
     return out
 
 
