@@ -308,8 +308,9 @@ class Shards:
         """
         api = _api()
         out: list[torch.Tensor] = []
+        # Keyed on the mesh's value: equal meshes are the same ranks, though DTensor may hand
+        # back a result on another mesh object equal to its input's (its sharding cache).
         groups: dict[Any, list[torch.Tensor]] = {}
-        meshes: dict[Any, Any] = {}
         for x, n in zip(self._layouts, local_norms, strict=True):
             if x is None:
                 out.append(n)
@@ -319,13 +320,9 @@ class Shards:
                 isinstance(pl, api.Shard) and mesh.size(dim) > 1
                 for dim, pl in enumerate(x.placements)
             )
-            key = (id(mesh), sharded, n.dtype)
-            groups.setdefault(key, []).append(n)
-            meshes[key] = mesh
+            groups.setdefault((mesh, sharded, n.dtype), []).append(n)
         inf = p == float("inf")
-        for key, norms in groups.items():
-            _, sharded, _ = key
-            mesh = meshes[key]
+        for (mesh, sharded, _), norms in groups.items():
             stacked = torch.stack(norms)
             if not any(sharded):  # every rank holds the full gradients
                 out.append(torch.linalg.vector_norm(stacked, p))
