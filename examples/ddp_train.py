@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from _common import init_distributed
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.distributed.device_mesh import init_device_mesh
@@ -41,16 +41,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 import polprec as pp
 
 Tree = dict[str, torch.Tensor]
-
-
-def init_distributed() -> None:
-    """Join the gloo group torchrun describes, or form a one-process group without torchrun."""
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo")
 
 
 def same_on_every_rank(tree: Tree, mesh: Any) -> bool:
