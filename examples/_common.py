@@ -1,4 +1,5 @@
-"""Pieces the examples share: the digits data, command-line options, progress and reports.
+"""Pieces the examples share: the digits data, command-line options, progress and reports,
+joining a process group.
 
 The optimizers are ``pp.optim``'s: pure updates that skip a step whose gradients were not
 finite, so the examples' training steps are functions of tensors in, tensors out.
@@ -10,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import socket
 import statistics
 import sys
 import time
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, Generic, NamedTuple, TypeVar
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import polprec as pp
@@ -138,6 +141,18 @@ def precision_spec(args: argparse.Namespace) -> str:
     """``--precision``, else ``POLPREC_PRECISION`` (set by ``polprec run``), else the default."""
     spec: str = args.precision or os.environ.get("POLPREC_PRECISION") or args.fallback_precision
     return spec
+
+
+def init_distributed() -> None:
+    """Join the gloo group torchrun (or ``polprec run --devices N``) describes, or form a
+    one-process group on a free port without it."""
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 class Digits(NamedTuple):

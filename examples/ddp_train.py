@@ -11,27 +11,28 @@ Launch two processes on this machine (``polprec run --devices 2`` is ``fabric ru
 
 No ``DistributedDataParallel`` wrapper and no hand-written all-reduce: the parameters are
 DTensors placed ``Replicate()`` on a one-dimensional mesh of the ranks (``--shard``:
-``Shard(0)``), and the training step is a pure function of ``(params, momentum, loss_scale,
+``Shard(0)``), and the training step is a pure function of ``(params, opt_state, loss_scale,
 batch)``. Every rank takes its shard of each batch of sklearn's bundled digits;
 ``pp.value_and_grad`` returns the gradients of the mean loss over all ranks, as DTensors laid
 out as the parameters (averaged by DTensor's own collectives, in float32), and a finite flag
 agreed over the mesh: one rank's overflow makes every rank skip the step and back off the
-scale together. The update is plain SGD with momentum on the DTensors, kept or dropped with
-``pp.select_tree`` on the agreed flag, so the ranks stay bitwise identical.
-``--nan-step N`` poisons the last rank's shard at step N to show it. Rank 0 prints the test
-accuracy.
+scale together. ``pp.optim.sgd(..., momentum=...)`` updates the DTensors: its momentum
+buffers are laid out as the parameters, torch's fused kernel updates each rank's local
+shards, and a step whose flag is False is skipped on every rank, so the ranks stay bitwise
+identical. ``--nan-step N`` poisons the last rank's shard at step N to show it. Rank 0 prints
+the test accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from _common import init_distributed
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.distributed.device_mesh import init_device_mesh
@@ -40,16 +41,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 import polprec as pp
 
 Tree = dict[str, torch.Tensor]
-
-
-def init_distributed() -> None:
-    """Join the gloo group torchrun describes, or form a one-process group without torchrun."""
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group("gloo")
 
 
 def same_on_every_rank(tree: Tree, mesh: Any) -> bool:
@@ -91,9 +82,9 @@ def main() -> None:
         k: distribute_tensor(v.detach(), mesh, [placement])
         for k, v in pp.cast_params(dict(model.named_parameters()), policy).items()
     }
-    momentum = {k: torch.zeros_like(p) for k, p in params.items()}
+    sgd = pp.optim.sgd(args.lr, momentum=args.momentum)
+    opt_state = sgd.init(params)  # momentum buffers laid out as the parameters
     loss_scale = pp.default_loss_scale(policy)
-    skipped = torch.zeros((), dtype=torch.int32)
 
     def loss_fn(params: Tree, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         logits = pp.apply_with_policy(model, params, xb, policy=policy)
@@ -101,12 +92,10 @@ def main() -> None:
 
     step_grad = pp.value_and_grad(loss_fn)
 
-    def train_step(params: Tree, momentum: Tree, loss_scale: Any, xb: Any, yb: Any) -> Any:
+    def train_step(params: Tree, opt_state: Any, loss_scale: Any, xb: Any, yb: Any) -> Any:
         loss, grads, finite, loss_scale = step_grad(params, xb, yb, loss_scale=loss_scale)
-        new_momentum = {k: args.momentum * momentum[k] + g for k, g in grads.items()}
-        new_params = {k: p - args.lr * new_momentum[k] for k, p in params.items()}
-        params, momentum = pp.select_tree(finite, (new_params, new_momentum), (params, momentum))
-        return loss, params, momentum, loss_scale, finite
+        params, opt_state = sgd.step(params, grads, opt_state, grads_finite=finite)
+        return loss, params, opt_state, loss_scale
 
     per_rank = args.batch_size // world
     steps_per_epoch = len(x_train) // args.batch_size
@@ -120,10 +109,7 @@ def main() -> None:
             if step == args.nan_step and rank == world - 1:
                 xb = xb.clone()
                 xb[0, 0] = float("nan")
-            loss, params, momentum, loss_scale, finite = train_step(
-                params, momentum, loss_scale, xb, yb
-            )
-            skipped = skipped + torch.logical_not(finite).to(torch.int32)
+            loss, params, opt_state, loss_scale = train_step(params, opt_state, loss_scale, xb, yb)
             step += 1
         # this rank's last loss, averaged over the ranks for the log line
         mean_loss = DTensor.from_local(loss.float(), mesh, [Partial("avg")]).full_tensor()
@@ -139,7 +125,8 @@ def main() -> None:
         print(
             f"policy {policy}, {world} rank(s), {step} steps of {args.batch_size} in {elapsed:.1f} s"
         )
-        print(f"skipped steps {int(skipped)}, final loss scale {float(loss_scale.loss_scale):g}")
+        scale = float(loss_scale.loss_scale)
+        print(f"skipped steps {int(opt_state.skips)}, final loss scale {scale:g}")
         if identical is None:
             print(f"params sharded Shard(0) over {world} rank(s)")
         else:

@@ -300,25 +300,33 @@ class Shards:
         dimensions they are sharded over and by dtype; each group's local norms are combined
         (``sum |.|**p``, or ``max`` for ``p = inf``) and reduced over the sharded mesh
         dimensions (``Partial``; replicated ones hold the same values already): one
-        all-reduce per group, where ``clip_grad_norm_`` makes one per leaf.
+        all-reduce per group, where ``clip_grad_norm_`` makes one per leaf. A group sharded
+        over no mesh dimension of more than one rank holds its full tensors: its norm is
+        the ``vector_norm`` of its leaves' norms, as for plain tensors, so DDP-style
+        (``Replicate()``) gradients and those on a one-rank mesh clip bit for bit as the same
+        gradients in one process do.
         """
         api = _api()
         out: list[torch.Tensor] = []
+        # Keyed on the mesh's value: equal meshes are the same ranks, though DTensor may hand
+        # back a result on another mesh object equal to its input's (its sharding cache).
         groups: dict[Any, list[torch.Tensor]] = {}
-        meshes: dict[Any, Any] = {}
         for x, n in zip(self._layouts, local_norms, strict=True):
             if x is None:
                 out.append(n)
                 continue
-            sharded = tuple(isinstance(pl, api.Shard) for pl in x.placements)
-            key = (id(x.device_mesh), sharded, n.dtype)
-            groups.setdefault(key, []).append(n)
-            meshes[key] = x.device_mesh
+            mesh = x.device_mesh
+            sharded = tuple(
+                isinstance(pl, api.Shard) and mesh.size(dim) > 1
+                for dim, pl in enumerate(x.placements)
+            )
+            groups.setdefault((mesh, sharded, n.dtype), []).append(n)
         inf = p == float("inf")
-        for key, norms in groups.items():
-            _, sharded, _ = key
-            mesh = meshes[key]
+        for (mesh, sharded, _), norms in groups.items():
             stacked = torch.stack(norms)
+            if not any(sharded):  # every rank holds the full gradients
+                out.append(torch.linalg.vector_norm(stacked, p))
+                continue
             local = stacked.max() if inf else stacked.pow(p).sum()
             reduce = api.Partial("max" if inf else "sum")
             placements = [reduce if s else api.Replicate() for s in sharded]

@@ -72,3 +72,30 @@ def test_measure_runs_each_candidate_after_every_other(monkeypatch: pytest.Monke
     calls.clear()
     timing.measure({n: (lambda n=n: calls.append(n)) for n in names}, repeats=40, warmup=2)
     assert [calls[i : i + 4] for i in range(8, len(calls), 4)] == rounds  # seeded: repeatable
+
+
+@pytest.mark.slow
+def test_bench_distributed_times_polprec_and_fsdp2_on_two_ranks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _script("bench_distributed", monkeypatch)
+    tiny = ["--d-model", "32", "--heads", "2", "--layers", "1", "--batch-size", "2", "--seq", "8"]
+    bench.main([*tiny, "--repeats", "2", "--timeout", "120"])
+    out = capsys.readouterr().out
+    _header_names_the_cpu(out)
+    assert "2 gloo ranks, 1 thread(s) each; bf16-mixed;" in out
+    lines = out.splitlines()
+    (head,) = [line for line in lines if line.strip().startswith("candidate")]
+    assert head.split() == [
+        "candidate", "step", "ms", "vs", "FSDP2", "state", "MB", "step", "peak", "MB",
+        "peak", "MB", "vs", "FSDP2",
+    ]  # fmt: skip
+    cells = [line.split() for line in lines[lines.index(head) + 2 :]]
+    rows = {" ".join(c[:-6]): c[-6:] for c in cells}  # the name, then six numbers
+    assert list(rows) == ["polprec donate", "polprec pure", "FSDP2"]
+    for name, (ms, ratio, state, step_peak, peak, peak_ratio) in rows.items():
+        assert float(ms) > 0 and ratio.endswith("x") and peak_ratio.endswith("x"), name
+        assert float(step_peak) > 0 and float(peak) >= float(state) > 0, name
+    assert rows["FSDP2"][1] == rows["FSDP2"][5] == "1.00x"
+    # every candidate holds the same shards: params, gradients and AdamW's two moments
+    assert len({row[2] for row in rows.values()}) == 1

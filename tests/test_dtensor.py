@@ -442,6 +442,31 @@ def test_one_rank_dtensor_params_give_the_plain_gradients(
     assert_unchanged(_locals(sharded), before)
 
 
+@pytest.mark.parametrize("placement", [Replicate(), Shard(0)], ids=["replicate", "shard0"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+@pytest.mark.parametrize("meshes", [1, 2], ids=["one mesh", "two equal mesh objects"])
+def test_full_dtensor_gradients_clip_bit_for_bit_as_plain_ones(
+    mesh: Any, placement: Any, norm_type: float, meshes: int
+) -> None:
+    # Replicate() leaves, or any leaves on a one-rank mesh, hold their full gradients: the
+    # global norm combines the leaves' norms as for plain tensors, to the last bit. Leaves on
+    # equal meshes are one group, whichever mesh object each holds (DTensor's sharding cache
+    # may return an op's result on another object equal to its input's mesh).
+    other = init_device_mesh("cpu", (1,)) if meshes == 2 else mesh
+    assert other == mesh
+    gen = torch.Generator().manual_seed(3)
+    scales = 10 ** (torch.rand(40, generator=gen) * 4 - 2)  # norms from 0.01 to 100 or so
+    plain = {f"g{i}": torch.randn(7 + 5 * i, 3, generator=gen) * scales[i] for i in range(40)}
+    placed = {
+        k: distribute_tensor(v, other if i % 2 else mesh, [placement])
+        for i, (k, v) in enumerate(plain.items())
+    }
+    clipped, norm = pp.clip_by_global_norm(placed, 1.0, norm_type=norm_type)
+    ref_clipped, ref_norm = pp.clip_by_global_norm(plain, 1.0, norm_type=norm_type)
+    assert float(norm) > 1.0 and torch.equal(norm, ref_norm), (float(norm), float(ref_norm))
+    assert all(torch.equal(clipped[k].full_tensor(), ref_clipped[k]) for k in plain)
+
+
 def test_policy_rules_gather_each_parameter_in_its_islands_compute_dtype(mesh: Any) -> None:
     model, (x, y) = _mlp(), _batch()
     rules = pp.PolicyRules("bf16-true", {"2": "32-true"})

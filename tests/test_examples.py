@@ -8,6 +8,7 @@ import importlib
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed
+from helpers import free_port
 
 import polprec as pp
 
@@ -377,3 +380,59 @@ def test_ensemble_members_keep_independent_loss_scales() -> None:
         assert member["test acc %"] > 60, member
         assert math.isfinite(member["final loss"])
     assert report["ensemble acc %"] > 60
+
+
+_FSDP_SMALL = ["--steps", "8", "--d-model", "32", "--context", "32", "--text-bytes", "50000"]
+
+
+def _bytes_line(printed: str) -> tuple[list[int], int]:
+    """Each rank's bytes and one process's, from fsdp_train.py's memory line."""
+    (line,) = [x for x in printed.splitlines() if x.startswith("bytes of params + grads")]
+    ranks = [int(n.replace(",", "")) for n in re.findall(r"rank \d+ ([\d,]+)", line)]
+    (one,) = re.findall(r"one process ([\d,]+)", line)
+    return ranks, int(one.replace(",", ""))
+
+
+@pytest.mark.slow
+def test_fsdp_train_on_two_ranks_holds_half_the_bytes_and_agrees_with_one_process() -> None:
+    job = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in (*job, "POLPREC_PRECISION")}
+    env["PYTHONPATH"] = str(EXAMPLES.parent)
+    launch = ["-m", "polprec", "run", "--devices", "2", "--main-port", str(free_port())]
+    script = [str(EXAMPLES / "fsdp_train.py"), "--precision", "bf16-mixed", "--log-every", "7"]
+    result = subprocess.run(
+        [sys.executable, *launch, *script, *_FSDP_SMALL],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
+    assert "each a DTensor placed Shard(0) over 2 rank(s)" in printed
+    losses = [float(x) for x in re.findall(r"^step +\d+  loss (\S+)$", printed, re.MULTILINE)]
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.5  # steps 0 and 7: it trains
+    ranks, one = _bytes_line(printed)
+    assert len(ranks) == 2
+    for held in ranks:  # half of the sharded bytes, plus a few replicated step counters
+        assert 0.5 <= held / one <= 0.505, (held, one)
+    assert sum(ranks) >= one
+    assert "(largest rank / one process = 0.50" in printed
+    assert "agreement: not bitwise, within bfloat16 rounding" in printed
+    (largest,) = re.findall(r"against one process .*: max \|difference\| (\S+),", printed)
+    assert 0 < float(largest) < 0.1
+
+
+def test_fsdp_train_on_one_process_is_a_one_rank_mesh_equal_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("WORLD_SIZE", "POLPREC_PRECISION"):  # no torchrun job, the default precision
+        monkeypatch.delenv(name, raising=False)
+    report, printed = run_main("fsdp_train", [*_FSDP_SMALL, "--steps", "4"])
+    assert report["world"] == 1 and report["bitwise"] and report["max abs diff"] == 0.0
+    ranks, one = _bytes_line(printed)
+    assert ranks == report["per rank bytes"] == [one]
+    assert "agreement: bitwise equal" in printed
+    assert "policy params=float32,compute=bfloat16,output=float32" in printed  # the default
+    assert not torch.distributed.is_initialized()  # the example tears its group down
