@@ -294,14 +294,14 @@ def step(
         for i, new in zip(group.idx, res.params, strict=True):
             new_leaves[i] = new
         results[m].append((group, res))
-    new_states = list(states)
-    for m, done in results.items():
-        new_states[m] = _new_state(members[m], states[m], flat, held[m], done)
-    counts = (count, skips, consecutive)
+    counts = {"step": count, "skips": skips, "consecutive_skips": consecutive}
     new_states = [
-        s.replace(step=count, skips=skips, consecutive_skips=consecutive) for s in new_states
+        _new_state(members[m], s, flat, held[m], results[m], counts)
+        if m in results
+        else s.replace(**counts)
+        for m, s in enumerate(states)
     ]
-    return flat.rebuild(new_leaves), new_states, counts
+    return flat.rebuild(new_leaves), new_states, (count, skips, consecutive)
 
 
 def _rewrap(res: Result, col: Column, held: Held, group: Group) -> Result:
@@ -335,7 +335,12 @@ def _rewrap(res: Result, col: Column, held: Held, group: Group) -> Result:
 
 
 def _new_state(
-    opt: Any, state: Any, flat: Flat, held: Held, done: list[tuple[Group, Result]]
+    opt: Any,
+    state: Any,
+    flat: Flat,
+    held: Held,
+    done: list[tuple[Group, Result]],
+    counts: dict[str, torch.Tensor],
 ) -> Any:
     slots = [list(s) for s in held.slots]
     master = None if held.master is None else list(held.master)
@@ -352,6 +357,7 @@ def _new_state(
     children: dict[str, Any] = {
         name: flat.rebuild(s) for name, s in zip(opt.slots(), slots, strict=True)
     }
+    children.update(counts)
     if master is not None:
         children["master"] = flat.rebuild(master)
     if comp is not None:
