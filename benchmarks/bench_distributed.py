@@ -211,6 +211,7 @@ def _rank(rank: int, port: int, out_dir: str, options: dict[str, Any]) -> None:
             },  # same order on every rank
             "header": header(),
         }
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -132,6 +132,7 @@ def main() -> None:
         else:
             print(f"params identical on all ranks: {identical}")
         print(f"test accuracy {accuracy:.4f}")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -130,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with threads(args.threads):
         init_distributed()
         try:
-            return run(args)
+            report = run(args)
+            dist.barrier()  # no rank tears the group down while another still uses it
+            return report
         finally:
             dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import os
 import socket
 import time
@@ -136,6 +137,11 @@ def _dist_entry(
     )
     try:
         result = worker(rank, data)
+        # Free the worker's modules, meshes and pending work while the interpreter is alive:
+        # FSDP2 keeps the group referenced through cycles, and a gloo group whose C++ side
+        # is torn down only at interpreter exit may abort the process.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
