@@ -9,8 +9,7 @@ checks themselves. The single-process tests use a one-rank group and mesh.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -406,16 +405,7 @@ def test_a_compiled_fullgraph_sharded_step_equals_the_eager_one(
 # --- one process: a one-rank group and mesh ---------------------------------------------------
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Any]:
-    """A one-rank gloo group in this process and a 1-D mesh over it, torn down afterwards."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+# (the ``mesh`` fixture, a one-rank group and 1-D mesh, is in conftest.py)
 
 
 @pytest.mark.parametrize("spec", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"])
