@@ -161,6 +161,7 @@ PRECISIONS = {
     "master+stochastic": {"master_weights": True, "rounding": "stochastic"},
     "kahan": {"kahan": True},
     "kahan+bf16 state": {"kahan": True, "state_dtype": torch.bfloat16},
+    "kahan+stochastic": {"kahan": True, "rounding": "stochastic"},
     "bf16 state": {"master_weights": False, "state_dtype": torch.bfloat16},
 }
 OPTIMIZERS = {
@@ -409,6 +410,20 @@ def test_grad_through_an_sgd_step() -> None:
     torch.testing.assert_close(lr_leaf.grad, expected)
 
 
+def test_grad_through_a_skipped_first_step_is_finite() -> None:
+    """A skipped step's discarded update is computed at the count the step would reach (1),
+    not at the count it keeps (0, where Adam's bias corrections divide by zero): a gradient
+    through the step gets no NaN from the branch torch.where drops."""
+    opt = pp.optim.adam(0.1, weight_decay=0.1)  # the L2 term puts the update on the params
+    state = opt.init({"w": torch.ones(3)})
+
+    def skipped(w: torch.Tensor) -> torch.Tensor:
+        new, _ = opt.step({"w": w}, {"w": w * 2}, state, grads_finite=torch.tensor(False))
+        return new["w"].sum()
+
+    assert torch.equal(grad(skipped)(torch.ones(3)), torch.ones(3))
+
+
 def test_grad_through_adam_steps_matches_autograd() -> None:
     opt = pp.optim.adam(0.1)
     w0, x = torch.randn(4), torch.randn(4)
@@ -586,3 +601,49 @@ def test_defaults_are_torchs(ours: Any, theirs: Any) -> None:
         "differentiable",
         "decoupled_weight_decay",
     }
+
+
+def test_a_donated_skip_leaves_parameters_that_require_grad_alone() -> None:
+    model = torch.nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    opt = pp.optim.adamw(0.1)
+    new, state = opt.step(
+        params, grads, opt.init(params), grads_finite=torch.tensor(False), donate=True
+    )
+    assert all(torch.equal(new[k], before[k]) for k in params)
+    assert (int(state.step), int(state.skips)) == (0, 1)
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_the_state_lives_on_the_parameters_device(precision: str) -> None:
+    """Not on torch's default device, and on the CPU for a tree without floating leaves."""
+    opt = pp.optim.adamw(**PRECISIONS[precision])
+    params = {"w": torch.ones(2, 3, dtype=torch.bfloat16, device="meta"), "n": torch.tensor(1)}
+    assert {t.device.type for t in _tensors(opt.init(params))} == {"meta"}
+    with torch.device("meta"):
+        on_cpu = opt.init({"w": torch.ones(2, 3, dtype=torch.bfloat16, device="cpu")})
+        no_floats = opt.init({"n": torch.tensor(1, device="cpu")})
+    assert {t.device.type for t in _tensors(on_cpu)} == {"cpu"}
+    assert {t.device.type for t in _tensors(no_floats)} == {"cpu"}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_moments_are_contiguous_whatever_the_parameters_strides(name: str, precision: str) -> None:
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params = {"w": torch.randn(3, 4).to(torch.bfloat16).t()}
+    state = opt.init(params)
+    assert not params["w"].is_contiguous()
+    fields = [*opt.slot_fields, "compensation"]  # (a master copy keeps the strides)
+    assert all(t.is_contiguous() for f in fields for t in _tensors(getattr(state, f)))
+
+
+def test_a_donated_step_updates_the_moments_of_a_transposed_parameter_in_place() -> None:
+    params = {"w": torch.randn(3, 4).t()}
+    opt = pp.optim.adamw(0.1)
+    state = opt.init(params)
+    moments = state.exp_avg["w"], state.exp_avg_sq["w"]
+    _, new = opt.step(params, {"w": torch.ones(4, 3)}, state, donate=True)
+    assert new.exp_avg["w"] is moments[0] and new.exp_avg_sq["w"] is moments[1]

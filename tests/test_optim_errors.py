@@ -141,6 +141,16 @@ def _step(**changes: Any) -> Callable[[], Any]:
     return call
 
 
+def _floats(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"w": torch.ones(2, 3, dtype=dtype), "b": torch.ones(3, dtype=dtype)}
+
+
+def _half_step(opt: Any, change: Callable[[Any], Any]) -> Any:
+    """A step of ``opt`` on bfloat16 parameters with its own state changed by ``change``."""
+    params = _floats(torch.bfloat16)
+    return opt.step(params, _floats(torch.bfloat16), change(opt.init(params)))
+
+
 STEPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
     (
         "grads missing a key",
@@ -204,7 +214,89 @@ STEPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ValueError,
         ["max_exp_avg_sq", "init(params)"],
     ),
-    ("negative lr", _step(lr=-1.0), ValueError, ["lr", "-1.0", ">= 0"]),
+    (
+        "state master of other params",
+        lambda: _half_step(adamw(), lambda st: st.replace(master={"w": st.master["w"]})),
+        ValueError,
+        ["state.master must have the structure of params", "missing in state.master: ['b']"],
+    ),
+    (
+        "state compensation of other params",
+        lambda: _half_step(
+            sgd(0.1, kahan=True), lambda st: st.replace(compensation={"b": st.compensation["b"]})
+        ),
+        ValueError,
+        ["state.compensation must have the structure of params", "['w']"],
+    ),
+    (
+        "state without master copies",
+        lambda: _half_step(adamw(), lambda st: adamw().init(_floats(torch.float32))),
+        ValueError,
+        [
+            "state.master has nothing for parameter w (torch.bfloat16, shape (2, 3)): the state "
+            "was made for other parameters or settings; make one with Adam.init(params)"
+        ],
+    ),
+    (
+        "state without compensation",
+        lambda: _half_step(
+            sgd(0.1, momentum=0.9, kahan=True),
+            lambda st: sgd(0.1, momentum=0.9).init(_floats(torch.bfloat16)),
+        ),
+        ValueError,
+        ["state.compensation has nothing for parameter w", "make one with SGD.init(params)"],
+    ),
+    (
+        "state master of other shapes",
+        lambda: _half_step(
+            adamw(), lambda st: st.replace(master={**st.master, "b": torch.zeros(2)})
+        ),
+        ValueError,
+        ["state.master has shape (2,) for parameter b (torch.bfloat16, shape (3,))"],
+    ),
+    (
+        "state moment a number",
+        lambda: _half_step(adamw(), lambda st: st.replace(exp_avg={**st.exp_avg, "b": 0.0})),
+        ValueError,
+        ["state.exp_avg has shape () for parameter b"],
+    ),
+    (
+        "state without a seed",
+        lambda: _half_step(
+            adamw(rounding="stochastic"),
+            lambda st: adamw(master_weights=False).init(_floats(torch.bfloat16)),
+        ),
+        ValueError,
+        [
+            "state.seed is None but rounding='stochastic' needs it: make the state with this "
+            "optimizer's init(params)"
+        ],
+    ),
+    (
+        "params a module",
+        _step(params=torch.nn.Linear(2, 3)),
+        TypeError,
+        ["params must be a tree of tensors, got the module Linear"],
+    ),
+    (
+        "grads a module",
+        _step(grads=torch.nn.Linear(2, 3)),
+        TypeError,
+        ["grads must be a tree of tensors, got the module Linear"],
+    ),
+    (
+        "init of a module",
+        lambda: adamw().init(torch.nn.Linear(2, 3)),
+        TypeError,
+        ["params must be a tree of tensors, got the module Linear"],
+    ),
+    (
+        "init seed a float",
+        lambda: adamw().init({"w": torch.ones(1)}, seed=1.5),
+        TypeError,
+        ["seed must be an int >= 0, got 1.5"],
+    ),
+    ("negative lr", _step(lr=-1.0), ValueError, ["lr must be a finite number >= 0, got -1.0"]),
     ("lr tensor of shape (1,)", _step(lr=torch.tensor([0.1])), TypeError, ["lr", "0-dim", "(1,)"]),
     ("integer lr tensor", _step(lr=torch.tensor(1)), TypeError, ["lr", "torch.int64"]),
     (
@@ -214,8 +306,13 @@ STEPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ["grads_finite", "torch.bool", "torch.float32"],
     ),
     ("finite flag a string", _step(grads_finite="yes"), TypeError, ["grads_finite", "'yes'"]),
-    ("donate not bool", _step(donate=1), TypeError, ["donate", "1", "True or False"]),
-    ("negative lr_scale", _step(lr_scale=-0.5), ValueError, ["lr_scale", "-0.5", ">= 0"]),
+    ("donate not bool", _step(donate=1), TypeError, ["donate must be True or False, got 1"]),
+    (
+        "negative lr_scale",
+        _step(lr_scale=-0.5),
+        ValueError,
+        ["lr_scale must be a finite number >= 0, got -0.5"],
+    ),
     ("lr_scale a string", _step(lr_scale="1"), TypeError, ["lr_scale", "'1'"]),
     (
         "lr_scale tensor of shape (2,)",
@@ -257,19 +354,31 @@ def _partition_step(**changes: Any) -> Callable[[], Any]:
     return call
 
 
+def _two_labels() -> Any:
+    return pp.optim.partition({"a": sgd(0.1), "b": adamw()}, lambda p, x: "a" if p == "w" else "b")
+
+
+def _partition_state() -> Any:
+    return _two_labels().init({"w": torch.ones(2, 2), "b": torch.ones(2)})
+
+
 GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
     (
         "optimizers not a dict",
         lambda: pp.optim.partition([sgd(0.1)], lambda p, x: "a"),  # type: ignore[arg-type]
         TypeError,
-        ["optimizers", "dict from label"],
+        [
+            "optimizers must be a non-empty dict from label to a polprec optimizer, e.g. "
+            "{'decay': pp.optim.adamw(3e-4), 'no_decay': pp.optim.adamw(3e-4, "
+            "weight_decay=0.0)}, got [SGD("
+        ],
     ),
     ("no optimizers", lambda: pp.optim.partition({}, lambda p, x: "a"), TypeError, ["non-empty"]),
     (
         "a torch optimizer",
         lambda: pp.optim.partition({"a": torch.optim.SGD}, lambda p, x: "a"),  # type: ignore[dict-item]
         TypeError,
-        ["optimizers['a']", "polprec optimizer"],
+        ["optimizers['a'] must be a polprec optimizer", "of type type"],
     ),
     (
         "a label not a str",
@@ -290,6 +399,42 @@ GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ["'decay'", "parameter b", "['a', 'b']"],
     ),
     ("labels tree of other keys", _two({"w": "a"}), ValueError, ["labels", "missing in labels"]),
+    (
+        "a label not hashable",
+        _two(lambda p, x: ["a"]),
+        ValueError,
+        ["labels gives ['a'] for parameter w; every floating parameter needs one of"],
+    ),
+    (
+        "labels an iterator",
+        _two(iter(["a", "b"])),
+        TypeError,
+        ["labels must be a tree", "list_iterator"],
+    ),
+    (
+        "partition init of a module",
+        lambda: pp.optim.partition({"a": sgd(0.1)}, lambda p, x: "a").init(torch.nn.Linear(2, 2)),
+        TypeError,
+        ["params must be a tree of tensors, got the module Linear"],
+    ),
+    (
+        "partition init seed negative",
+        lambda: pp.optim.partition({"a": sgd(0.1)}, lambda p, x: "a").init(
+            {"w": torch.ones(1)}, seed=-1
+        ),
+        ValueError,
+        ["seed must be an int >= 0, got -1"],
+    ),
+    (
+        "a label's state of another optimizer",
+        lambda: _partition_step(
+            state=_partition_state().replace(
+                states={"a": sgd(0.1).init({"w": torch.ones(2, 2)}), "b": sgd(0.1).init({})}
+            )
+        )(),
+        TypeError,
+        ["state.states['b'] is a SGDState, but that label's optimizer makes a AdamState"],
+    ),
     (
         "labels as the module",
         _two(torch.nn.Linear(2, 2)),
@@ -315,14 +460,52 @@ GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ["['a', 'b']", "['a', 'c']", "init(params)"],
     ),
     ("partition lr_scale negative", _partition_step(lr_scale=-1.0), ValueError, ["lr_scale"]),
-    ("partition donate not bool", _partition_step(donate="no"), TypeError, ["donate"]),
+    (
+        "partition donate not bool",
+        _partition_step(donate="no"),
+        TypeError,
+        ["donate must be True or False, got 'no'"],
+    ),
+    (
+        "partition from a torch state dict of params that are a module",
+        lambda: _two_labels().from_torch_state_dict(
+            {"state": {}, "param_groups": [{"params": []}, {"params": []}]}, torch.nn.Linear(1, 1)
+        ),
+        TypeError,
+        ["params must be a tree of tensors, got the module Linear"],
+    ),
+    (
+        "partition from torch param groups not a list",
+        lambda: _two_labels().from_torch_state_dict(
+            {"state": {}, "param_groups": {"a": 1}}, {"w": torch.ones(1)}
+        ),
+        ValueError,
+        [
+            "the torch optimizer has {'a': 1} param groups but this partition has 2 labels "
+            "['a', 'b']; torch's group i maps to the i-th label"
+        ],
+    ),
+    (
+        "partition from torch settings of another group",
+        lambda: _two_labels().from_torch_state_dict(
+            torch.optim.SGD(
+                [{"params": [torch.nn.Parameter(torch.ones(2, 2))]}, {"params": []}], lr=0.1
+            ).state_dict(),
+            {"w": torch.ones(2, 2)},
+        ),
+        ValueError,
+        ["param group 1 of the torch optimizer has lr=0.1 but this optimizer has lr=0.001"],
+    ),
     (
         "from a torch state dict that is none",
         lambda: pp.optim.partition({"a": sgd(0.1)}, lambda p, x: "a").from_torch_state_dict(
             {"state": {}}, {"w": torch.ones(2)}
         ),
         TypeError,
-        ["state_dict", "'param_groups'"],
+        [
+            "state_dict must be a torch.optim optimizer's state_dict(): a mapping with keys "
+            "'state' and 'param_groups', got dict"
+        ],
     ),
     (
         "cosine warm-up past the end",

@@ -44,8 +44,7 @@ class Partition:
                     f"optimizers[{label!r}] must be a polprec optimizer (pp.optim.sgd, adam, "
                     f"adamw, ...), got {opt!r} of type {type(opt).__name__}"
                 )
-        if isinstance(labels, torch.nn.Module) or not callable(labels):
-            _tree.check_tree(labels, "labels")
+        _tree.check_tree(labels, "labels")  # (a function passes; a module is refused)
         self.optimizers: dict[str, Optimizer] = dict(optimizers)
         self.labels = labels
         self._names = tuple(self.optimizers)
@@ -69,16 +68,14 @@ class Partition:
         else:
             given = flat.align(self.labels, "labels")
         out: list[int | None] = []
-        names = None
         for i, (label, p) in enumerate(zip(given, flat.leaves, strict=True)):
             if not _tree.is_float_tensor(p):
                 out.append(None)
                 continue
             m = self._index.get(label) if isinstance(label, str) else None
             if m is None:
-                names = names or flat.paths()[1]
                 raise ValueError(
-                    f"labels gives {label!r} for parameter {names[i]}; every floating "
+                    f"labels gives {label!r} for parameter {flat.paths()[1][i]}; every floating "
                     f"parameter needs one of the labels of optimizers: {list(self._names)}"
                 )
             out.append(m)
