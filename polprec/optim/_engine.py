@@ -178,7 +178,10 @@ def init_state(
         step=count,
         skips=count.clone(),
         consecutive_skips=count.clone(),
-        master=tree(lambda p, m: p.detach().float(), lambda m: m.master),  # 16-bit: a copy
+        master=tree(
+            lambda p, m: p.detach().to(torch.float32, memory_format=torch.contiguous_format),
+            lambda m: m.master,
+        ),
         compensation=tree(
             lambda p, m: torch.zeros_like(p, memory_format=torch.contiguous_format),
             lambda m: m.kahan,
