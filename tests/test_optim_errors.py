@@ -508,6 +508,24 @@ GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ],
     ),
     (
+        "cosine steps negative",
+        lambda: pp.optim.warmup_cosine(-1, 5),
+        ValueError,
+        ["warmup_steps must be an int >= 0, got -1"],
+    ),
+    (
+        "linear total a float",
+        lambda: pp.optim.warmup_linear(1, 5.0),
+        TypeError,
+        ["total_steps must be an int >= 0, got 5.0"],
+    ),  # type: ignore[arg-type]
+    (
+        "cosine floor a string",
+        lambda: pp.optim.warmup_cosine(1, 5, min_factor="0"),  # type: ignore[arg-type]
+        TypeError,
+        ["min_factor must be a Python number, got '0'"],
+    ),
+    (
         "cosine warm-up past the end",
         lambda: pp.optim.warmup_cosine(10, 5),
         ValueError,
@@ -531,7 +549,7 @@ GROUPS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         "a schedule given a negative step",
         lambda: pp.optim.warmup_linear(1, 5)(-1),
         ValueError,
-        ["step"],
+        ["step must be an int >= 0, got -1"],
     ),
 ]
 
@@ -570,3 +588,98 @@ def test_bad_input_leaves_the_inputs_alone() -> None:
         opt.step(params, {"layer": {"w": torch.ones(3, 2)}, "b": torch.ones(3)}, state)
     after = pp._tree.tree_leaves((params, state))
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+# --- optimizer states ---------------------------------------------------------------------------
+
+
+def _counters(**changes: Any) -> dict[str, Any]:
+    fields = {
+        "step": torch.tensor(0),
+        "skips": torch.tensor(0),
+        "consecutive_skips": torch.tensor(0),
+        "master": None,
+        "compensation": None,
+        "seed": None,
+        "momentum_buffer": None,
+    }
+    return fields | changes
+
+
+def _partition_dict(**changes: Any) -> dict[str, Any]:
+    return {**_partition_state().state_dict(), **changes}
+
+
+STATES: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
+    (
+        "an int step",
+        lambda: pp.optim.SGDState(**_counters(step=3)),
+        TypeError,
+        ["SGDState.step must be an integer tensor, got 3"],
+    ),
+    (
+        "a float skip count",
+        lambda: pp.optim.SGDState(**_counters(skips=torch.tensor(0.0))),
+        TypeError,
+        ["SGDState.skips must be an integer tensor, got tensor(0.)"],
+    ),
+    (
+        "an int seed",
+        lambda: pp.optim.SGDState(**_counters(seed=3)),
+        TypeError,
+        ["SGDState.seed must be a tensor or None"],
+    ),
+    (
+        "a partition state dict not a mapping",
+        lambda: pp.optim.PartitionState.from_state_dict([1]),  # type: ignore[arg-type]
+        TypeError,
+        ["state_dict must be a mapping, got list; pass the output of state_dict()"],
+    ),
+    (
+        "a single state's dict for a partition",
+        lambda: pp.optim.PartitionState.from_state_dict(
+            sgd(0.1).init({"w": torch.ones(1)}).state_dict()
+        ),
+        ValueError,
+        ["state_dict is of a SGDState, not a PartitionState"],
+    ),
+    (
+        "a partition state dict without its type",
+        lambda: pp.optim.PartitionState.from_state_dict(
+            {k: v for k, v in _partition_dict().items() if k != "type"}
+        ),
+        ValueError,
+        [
+            "state_dict for PartitionState has missing keys ['type'] and unknown keys []; "
+            "expected keys ['consecutive_skips', 'skips', 'states', 'step', 'type']"
+        ],
+    ),
+    (
+        "a partition state dict with another key",
+        lambda: pp.optim.PartitionState.from_state_dict(_partition_dict(extra=1)),
+        ValueError,
+        ["has missing keys [] and unknown keys ['extra']"],
+    ),
+    (
+        "a partition state dict with a list of states",
+        lambda: pp.optim.PartitionState.from_state_dict(_partition_dict(states=[1])),
+        TypeError,
+        ["state_dict['states'] must be a mapping by label, got [1]"],
+    ),
+    (
+        "a partition state dict with a label's state not a dict",
+        lambda: pp.optim.PartitionState.from_state_dict(_partition_dict(states={"a": [1]})),
+        ValueError,
+        [
+            "not an optimizer state's state_dict(): its 'type' is None, expected one of "
+            "['AdamState', 'PartitionState', 'SGDState']"
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "fragments"), STATES, ids=[s[0] for s in STATES])
+def test_bad_states(
+    what: str, call: Callable[[], Any], exc: type[Exception], fragments: list[str]
+) -> None:
+    _check(call, exc, fragments)

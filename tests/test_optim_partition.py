@@ -284,6 +284,41 @@ def test_cosine_floor_and_after_the_end() -> None:
     assert all(a >= b for a, b in itertools.pairwise(values[2:]))
 
 
+def test_an_int_step_and_a_tensor_step_give_the_same_bits() -> None:
+    """Both are computed in float64 and rounded once to float32."""
+    for schedule in (pp.optim.warmup_cosine(7, 1000), pp.optim.warmup_linear(7, 1000)):
+        for s in range(0, 1000, 3):
+            assert torch.equal(schedule(s), schedule(torch.tensor(s))), (schedule, s)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "values"),
+    [
+        (pp.optim.warmup_linear(2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),  # a one-step decay
+        (pp.optim.warmup_cosine(2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),
+        (pp.optim.warmup_linear(2, 2), [0.0, 0.5, 0.0, 0.0, 0.0]),  # no decay steps at all
+        (pp.optim.warmup_cosine(0, 0), [1.0, 0.0, 0.0, 0.0, 0.0]),  # neither
+        (pp.optim.warmup_cosine(1, 3, min_factor=1.0), [0.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+    ids=repr,
+)
+def test_short_schedules(schedule: Any, values: list[float]) -> None:
+    assert [float(schedule(s)) for s in range(5)] == values
+
+
+def test_a_fractional_step_warms_up_linearly() -> None:
+    for schedule in (pp.optim.warmup_cosine(1, 3), pp.optim.warmup_linear(1, 3)):
+        assert float(schedule(torch.tensor(0.5))) == 0.5
+
+
+def test_a_schedule_is_a_value_with_its_settings() -> None:
+    schedule = pp.optim.warmup_cosine(1, 5, min_factor=0)
+    assert repr(schedule) == "WarmupCosine(warmup_steps=1, total_steps=5, min_factor=0.0)"
+    assert schedule == pp.optim.warmup_cosine(1, 5) and hash(schedule) == hash(
+        pp.optim.warmup_cosine(1, 5)
+    )
+
+
 @pytest.mark.slow
 def test_a_compiled_step_takes_float_and_tensor_rates_without_recompiling() -> None:
     params = _gpt_like()

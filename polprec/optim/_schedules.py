@@ -60,7 +60,7 @@ class WarmupCosine:
         t = _steps(step)
         warm = t / max(1, self.warmup_steps)
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = ((t - self.warmup_steps) / span).clamp(0.0, 1.0)
+        progress = ((t - self.warmup_steps) / span).clamp(max=1.0)  # (read from warm-up on)
         cosine = 0.5 * (1.0 + torch.cos(math.pi * progress))
         decayed = self.min_factor + (1.0 - self.min_factor) * cosine
         return torch.where(t < self.warmup_steps, warm, decayed).to(torch.float32)
