@@ -262,6 +262,12 @@ def _with_found_inf(ps: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _with_grad_scale(ps: Any) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(ps, fused=True)
+    optimizer.grad_scale = torch.ones(())  # type: ignore[attr-defined]
+    return optimizer
+
+
 # The tables below are laid out by hand, one case to a line or two.
 # fmt: off
 
@@ -954,10 +960,14 @@ BAD_INPUT: dict[str, list[Case]] = {
     # --- polprec.optim (the optimizers' own table is tests/test_optim_errors.py) ---------
     "optim.step_torch": [
         case("polprec-optimizer", _step_torch(lambda ps: pp.optim.adamw()), TypeError,
-             "optimizer must be a torch.optim.Optimizer, got Adam"),
+             "optimizer must be a torch.optim.Optimizer, got Adam; polprec's own optimizers take "
+             "grads_finite= in their step"),
         *(
             case(f"not-fused-{id}", _step_torch(make), ValueError, fragment,
-                 "cannot skip a step without a host sync", "Build it with fused=True")
+                 "cannot skip a step without a host sync: only a fused kernel reads the finite "
+                 "flag on the device; any other torch optimizer skips by not calling step(), "
+                 "which needs the flag on the host (what GradScaler.step does). Build it with "
+                 "fused=True (torch.optim.SGD, Adam, AdamW and Adagrad take it), or use pp.optim")
             for id, make, fragment in [
                 ("sgd", lambda ps: torch.optim.SGD(ps), "SGD(fused=None)"),
                 ("adamw-foreach", lambda ps: torch.optim.AdamW(ps, foreach=True),
@@ -973,27 +983,37 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("sgd-dampening-first-step",
              _step_torch(lambda ps: torch.optim.SGD(ps, momentum=0.9, dampening=0.5, fused=True)),
              ValueError, "SGD(fused=True, momentum=0.9, dampening=0.5) cannot skip its first "
-             "step without a host sync"),
+             "step without a host sync: torch sets the momentum buffers to the gradient on the "
+             "first step (decided on the host) and leaves them uninitialised when it is "
+             "skipped, and with dampening no zero buffer gives the same step; take the first "
+             "step with `if finite: optimizer.step()`, or use pp.optim.sgd"),
         case("found_inf-set", _step_torch(_with_found_inf), ValueError,
+             "SGD already has a found_inf or grad_scale attribute (a GradScaler step in "
+             "progress?); step_torch sets and removes them itself"),
+        case("grad_scale-set", _step_torch(_with_grad_scale), ValueError,
              "SGD already has a found_inf or grad_scale attribute"),
         case("module-params", _step_torch(params=lambda named: nn.Linear(3, 2)), TypeError,
              "got the module Linear itself; pass dict(model.named_parameters())"),
         case("iterator-params", _step_torch(params=lambda named: iter(named.values())),
-             TypeError, "got a dict_valueiterator"),
+             TypeError, "params must be a tree of tensors, got a dict_valueiterator"),
+        case("iterator-grads", _step_torch(grads=lambda named: iter(named.values())),
+             TypeError, "grads must be a tree of tensors, got a dict_valueiterator"),
         case("detached-params",
              _step_torch(params=lambda named: {k: v.detach() for k, v in named.items()}),
-             ValueError, "params has a tensor at weight that AdamW does not hold",
-             "not detached copies"),
+             ValueError, "params has a tensor at weight that AdamW does not hold; pass the "
+             "parameters it was built with, dict(model.named_parameters()), not detached copies"),
         case("missing-params",
              _step_torch(params=lambda named: {"weight": named["weight"]},
                          grads=lambda named: {"weight": None}),
-             ValueError, "params names 1 of the 2 parameters AdamW holds"),
+             ValueError, "params names 1 of the 2 parameters AdamW holds; name them all "
+             "(dict(model.named_parameters())) so that no stale .grad is stepped"),
         case("grads-structure", _step_torch(grads=lambda named: [None, None]), ValueError,
              "grads must have the structure of params"),
         case("grad-float64",
              _step_torch(grads=lambda named: {k: v.double() for k, v in named.items()}),
              ValueError, "the gradient of weight is torch.float64 on cpu but the parameter is "
-             "torch.float32 on cpu"),
+             "torch.float32 on cpu; torch.optim needs each gradient in its parameter's dtype and "
+             "device (value_and_grad returns them so)"),
         case("grad-int", _step_torch(grads=lambda named: {"weight": torch.zeros(2, 3).long(),
                                                           "bias": None}),
              TypeError, "the gradient of weight must be a floating tensor or None"),
