@@ -93,7 +93,15 @@ ADAM_CASES = [
 IMPLS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-PARITY = [("sgd", k) for k in SGD_CASES] + [("adam", k) for k in ADAM_CASES]
+PARITY = [
+    *[("sgd", k) for k in SGD_CASES],
+    *[("adam", k) for k in ADAM_CASES],
+    # the boundaries: full dampening and decay, momentum 1
+    ("sgd", dict(momentum=0.9, dampening=1.0, weight_decay=1.0)),
+    ("sgd", dict(momentum=1.0, dampening=0.5)),
+    ("adam", dict(weight_decay=1.0)),
+    ("adam", dict(weight_decay=1.0, decoupled_weight_decay=True)),
+]
 TORCH = {
     "sgd": (torch.optim.SGD, pp.optim.sgd, 0.05),
     "adam": (torch.optim.Adam, pp.optim.adam, 0.01),
@@ -675,3 +683,28 @@ def test_non_contiguous_tensors_step_as_their_contiguous_copies(
         want, want_state = opt.step(want, grads, want_state, grads_finite=finite)
         got, got_state = opt.step(got, strided_grads, got_state, grads_finite=finite, donate=donate)
     assert _trees_equal(got, want) and _trees_equal(got_state, want_state)
+
+
+def test_settings_are_declared_with_their_torch_names() -> None:
+    """What ``setting()`` declares: lr alone positional, the precision options polprec's own,
+    the rest the names torch.optim's state dicts are checked against."""
+    assert pp.optim.SGD.torch_settings() == (
+        "lr",
+        "maximize",
+        "momentum",
+        "dampening",
+        "nesterov",
+        "weight_decay",
+    )
+    assert pp.optim.Adam.torch_settings() == (
+        "lr",
+        "maximize",
+        "betas",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "decoupled_weight_decay",
+    )
+    assert pp.optim.sgd(0.2).lr == 0.2 and pp.optim.adam(lr=0.2).lr == 0.2
+    with pytest.raises(TypeError, match="positional"):
+        pp.optim.sgd(0.1, 0.9)  # type: ignore[misc]

@@ -36,7 +36,25 @@ OPTIONS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         "nesterov without momentum",
         lambda: sgd(0.1, nesterov=True),
         ValueError,
-        ["nesterov", "momentum=0.0", "momentum > 0"],
+        [
+            "nesterov=True needs momentum > 0 and dampening == 0 (as torch.optim.SGD), got "
+            "momentum=0.0, dampening=0.0"
+        ],
+    ),
+    (
+        "negative dampening",
+        lambda: sgd(0.1, momentum=0.9, dampening=-0.1),
+        ValueError,
+        ["dampening must be a finite number >= 0, got -0.1"],
+    ),
+    (
+        "adamw not decoupled",
+        lambda: adamw(decoupled_weight_decay=False),
+        TypeError,
+        [
+            "adamw() always decouples weight decay; for an L2 penalty use "
+            "pp.optim.adam(..., weight_decay=...)"
+        ],
     ),
     (
         "nesterov with dampening",
@@ -80,7 +98,10 @@ OPTIONS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         "master and kahan",
         lambda: adamw(master_weights=True, kahan=True),
         ValueError,
-        ["master_weights=True", "kahan=True", "exclusive"],
+        [
+            "master_weights=True and kahan=True are exclusive: Kahan compensation keeps the "
+            "bits a 16-bit parameter loses without a master copy; choose one"
+        ],
     ),
     (
         "master_weights str",
@@ -88,7 +109,7 @@ OPTIONS: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         TypeError,
         ["master_weights", "'on'", "True, False or None"],
     ),  # type: ignore[arg-type]
-    ("kahan int", lambda: sgd(0.1, kahan=1), TypeError, ["kahan", "1", "True or False"]),  # type: ignore[arg-type]
+    ("kahan int", lambda: sgd(0.1, kahan=1), TypeError, ["kahan must be True or False, got 1"]),  # type: ignore[arg-type]
     (
         "integer state dtype",
         lambda: adamw(state_dtype=torch.int8),
@@ -683,3 +704,16 @@ def test_bad_states(
     what: str, call: Callable[[], Any], exc: type[Exception], fragments: list[str]
 ) -> None:
     _check(call, exc, fragments)
+
+
+def test_an_optimizer_is_not_iterable_like_a_torch_optimizer() -> None:
+    _check(
+        lambda: list(sgd(0.1)),
+        TypeError,
+        [
+            "SGD is a polprec optimizer: settings only, no parameters or state to iterate "
+            "(torch.optim's param_groups). Its state is the opt_state its init(params) made: "
+            "checkpoint opt_state.state_dict() (with torch.distributed.checkpoint, a dict of "
+            "the params and opt_state.state_dict()), not the optimizer"
+        ],
+    )

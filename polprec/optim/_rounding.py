@@ -54,7 +54,7 @@ def _path_key(path: str) -> int:
     CRC-32 of its UTF-8 bytes: the same in every process (unlike ``hash(str)``); a constant
     to ``torch.compile``, which does not trace into ``zlib``.
     """
-    return zlib.crc32(path.encode("utf-8"))
+    return zlib.crc32(path.encode())  # (UTF-8)
 
 
 path_key: Callable[[str], int] = torch.compiler.assume_constant_result(_path_key)  # type: ignore[no-untyped-call]
@@ -111,4 +111,4 @@ def kahan_split(
     carries the part of it the 16-bit parameter cannot hold into the next step.
     """
     value = round_to(x, dtype, bits)
-    return value, (x - value.to(x.dtype)).to(dtype)
+    return value, (x - value).to(dtype)  # (the difference in x's wider dtype)

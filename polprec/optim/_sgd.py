@@ -84,8 +84,9 @@ class SGD(Optimizer):
         )
 
     def scalars(self, step: torch.Tensor, lr: float | torch.Tensor) -> Any:
-        # torch's first step sets the buffer to the gradient; later ones dampen it
-        first = step == 1 if self.momentum != 0 and self.dampening != 0 else None
+        # torch's first step sets the buffer to the gradient; later ones dampen it (without
+        # dampening, a zero buffer plus the gradient is the gradient: nothing to tell apart)
+        first = step == 1 if self.dampening != 0 else None
         return lr, first
 
     def rule(
