@@ -708,3 +708,44 @@ def test_settings_are_declared_with_their_torch_names() -> None:
     assert pp.optim.sgd(0.2).lr == 0.2 and pp.optim.adam(lr=0.2).lr == 0.2
     with pytest.raises(TypeError, match="positional"):
         pp.optim.sgd(0.1, 0.9)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_plain_path_follows_the_fused_path(name: str, precision: str) -> None:
+    """Both ways compute each update in its leaf's work dtype and write it back the same way,
+    so over steps given each kind of flag they differ only by the order of float operations:
+    16-bit parameters by one spacing at most, everything kept in float32 or wider closely."""
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params, grads = _problem(torch.bfloat16)
+    params["d"], grads["d"] = params["w"].double(), grads["w"].double()  # a group of its own
+
+    def run(fuse: bool) -> tuple[Any, Any]:
+        with pytest.MonkeyPatch.context() as mp:
+            if not fuse:
+                mp.setattr(_fused, "may_fuse", lambda tensors: False)
+            p, s = params, opt.init(params, seed=1)
+            for flag in (torch.tensor(True), True, None, torch.tensor(False), None):
+                p, s = opt.step(p, grads, s, grads_finite=flag)
+            return p, s
+
+    (fused, fused_state), (plain, plain_state) = run(True), run(False)
+    assert (int(fused_state.step), int(fused_state.skips)) == (4, 1)
+    assert (int(plain_state.step), int(plain_state.skips)) == (4, 1)
+    for key in ("w", "b"):
+        spacing = 2.0**-7 * fused[key].float().abs().clamp(min=1.0)
+        assert torch.all((fused[key].float() - plain[key].float()).abs() <= spacing), key
+        if plain_state.compensation is not None:  # the float32 sums the pairs hold
+            a = fused[key].float() + fused_state.compensation[key].float()
+            b = plain[key].float() + plain_state.compensation[key].float()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused["d"], plain["d"], rtol=1e-12, atol=1e-12)
+    for field in (*opt.slot_fields, "master"):  # moments and master copies
+        pairs = zip(
+            _tensors(getattr(fused_state, field)),
+            _tensors(getattr(plain_state, field)),
+            strict=True,
+        )
+        for x, y in pairs:
+            wide = x.dtype in (torch.float32, torch.float64)
+            torch.testing.assert_close(x, y, rtol=1e-5 if wide else 2.0**-7, atol=1e-6)

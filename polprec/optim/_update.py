@@ -186,8 +186,7 @@ def plain(
     for j, mode in enumerate(col.modes):
         w = _work_param(col, j, copy=False)
         slots = [_buffer(s[j], mode.work, copy=False) for s in col.slots]
-        grad = col.grads[j]
-        w, slots = rule(w, grad if grad.dtype == mode.work else grad.to(mode.work), slots, scalars)
+        w, slots = rule(w, col.grads[j].to(mode.work), slots, scalars)  # (itself if it is)
         p, m, c = finish(col, j, w, finite, exact_skip=False)
         out.params.append(p)
         out.master.append(m)
@@ -204,10 +203,6 @@ def plain(
 
 
 def _state_dtypes(col: Column, slots: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Moments back in the state dtype, where the update ran in a wider one."""
-    if all(m.state == m.work for m in col.modes):
-        return slots
-    return [
-        [x if m.state == m.work else x.to(m.state) for x, m in zip(s, col.modes, strict=True)]
-        for s in slots
-    ]
+    """Moments back in the state dtype, where the update ran in a wider one (``Tensor.to``
+    keeps the others as they are)."""
+    return [[x.to(m.state) for x, m in zip(s, col.modes, strict=True)] for s in slots]
