@@ -716,10 +716,18 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("str-params", lambda: pp.apply_with_policy(LIN, "params", torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
              TypeError, "str"),
         case("list-params", lambda: pp.apply_with_policy(LIN, [1], policy="bf16-mixed"),  # type: ignore[arg-type]
-             TypeError, "params_and_buffers"),
+             TypeError, "params_and_buffers must be a dict of tensors by name (or a tuple of "
+             "dicts), got list"),
+        case("tuple-with-a-list",
+             lambda: pp.apply_with_policy(LIN, (PARAMS, [1]), torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
+             TypeError, "params_and_buffers as a tuple holds dicts of tensors by name, got a "
+             "list in it"),
         case("tuple-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), kwargs=(1,), policy=32),  # type: ignore[arg-type]
              TypeError, "tuple"),
+        case("int-kwargs",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), kwargs=1.5, policy=32),  # type: ignore[arg-type]
+             TypeError, "kwargs must be a dict or None, got float"),
         case("list-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMETERS, torch.ones(1, 3), kwargs=[1], policy="bf16-mixed"),  # type: ignore[arg-type]
              TypeError, "kwargs"),
@@ -734,11 +742,24 @@ BAD_INPUT: dict[str, list[Case]] = {
              TypeError, "the policy is keyword-only",
              "apply_with_policy(module, params, args, policy='bf16-mixed')"),
         case("missing-policy", lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3)),
-             TypeError, "needs policy=..., by keyword"),
+             TypeError, "apply_with_policy needs policy=..., by keyword: a Policy, PolicyRules "
+             "or any spec get_policy accepts, e.g. apply_with_policy(module, params, args, "
+             "policy='bf16-mixed')"),
         case("typo-in-name",
              lambda: pp.apply_with_policy(LIN, {"wieght": PARAMS["weight"]}, torch.ones(1, 3), policy=32),
-             ValueError, "name no parameter or buffer of Linear: 'wieght' (did you mean 'weight'?)",
-             "functional_call would ignore them"),
+             ValueError, "name no parameter or buffer of Linear: 'wieght' (did you mean 'weight'?)"
+             "; functional_call would ignore them and use the module's own tensors. Use the "
+             "names of module.named_parameters() and module.named_buffers()"),
+        case("many-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "f", "g")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "of Linear: 'a', 'b', 'c', 'd', 'e' and 2 more; functional_call"),
+        case("six-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "zzz")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "'d', 'e' and 1 more;"),
         case("unknown-name-rules",
              lambda: pp.apply_with_policy(LIN, {"head.bias": torch.zeros(2)}, torch.ones(1, 3),
                                           policy=pp.PolicyRules("bf16-mixed")),
@@ -754,7 +775,8 @@ BAD_INPUT: dict[str, list[Case]] = {
              ValueError, "start at 0"),
         case("tuple-of-dicts-twice",
              lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
-             ValueError, "['bias', 'weight'] appear in more than one"),
+             ValueError, "['bias', 'weight'] appear in more than one of its dicts; each parameter "
+             "or buffer may be given once"),
         case("ddp-module", _wrapped(lambda m: nn.parallel.DistributedDataParallel(m)), TypeError,
              "got a DistributedDataParallel module: DDP averages gradients", *_WRAPPED_ROUTES),
         case("fsdp2-module", _wrapped(_fully_shard_all), TypeError,
@@ -780,7 +802,7 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("device", lambda: pp.autocast(32, device_type=torch.device("cpu")), TypeError,  # type: ignore[arg-type]
              "device"),
         case("device_type-0", lambda: pp.autocast("bf16-mixed", device_type=0), TypeError,  # type: ignore[arg-type]
-             "device_type"),
+             "device_type must be a str such as 'cpu' or 'cuda', got 0 of type int"),
     ],
     "full_precision": [
         case("None", lambda: pp.full_precision()(None), TypeError, "None"),  # type: ignore[arg-type]
@@ -791,7 +813,8 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("str-fn", lambda: pp.value_and_grad("f"), TypeError, "callable"),  # type: ignore[arg-type]
         case("has_aux-yes", lambda: pp.value_and_grad(len, has_aux="yes"), TypeError, "'yes'"),  # type: ignore[arg-type]
         case("has_aux-1", lambda: pp.value_and_grad(lambda q: q, has_aux=1), TypeError, "has_aux"),  # type: ignore[arg-type]
-        case("group-0-len", lambda: pp.value_and_grad(len, process_group=0), TypeError, "0"),
+        case("group-0-len", lambda: pp.value_and_grad(len, process_group=0), TypeError,
+             "process_group must be a torch.distributed.ProcessGroup", "got 0 of type int"),
         *(
             case(f"microbatches-{bad!r}", lambda bad=bad: pp.value_and_grad(len, microbatches=bad),
                  exc, f"microbatches must be an int >= 1, got {bad!r}")
