@@ -87,7 +87,7 @@ def check_grads_finite(grads_finite: Any) -> torch.Tensor:
     read)."""
     if isinstance(grads_finite, bool):
         return torch.tensor(grads_finite)
-    if type(grads_finite) is not torch.Tensor and _dtensor.is_dtensor(grads_finite):
+    if _dtensor.is_dtensor(grads_finite):
         _check_flag(grads_finite)
         return _dtensor.plain_flag(grads_finite)
     if not isinstance(grads_finite, torch.Tensor):

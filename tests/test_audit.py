@@ -190,9 +190,11 @@ _WRAPPED_ROUTES = (
     "step(..., donate=True)",
 )
 _DCP_PATTERN = (
-    "drops the new state it returns",
+    "drops the new state it returns (polprec states are immutable), so the object would keep "
+    "its fresh values. Load into its state_dict() and rebuild the state from that: "
     "sd = {'opt_state': opt_state.state_dict()}; dcp.load(sd, checkpoint_id=path); "
-    "opt_state = opt_state.load_state_dict(sd['opt_state'])",
+    "opt_state = opt_state.load_state_dict(sd['opt_state']). (Saving the state object itself "
+    "works: dcp.save stores its state_dict(), which that pattern loads.)",
 )
 
 
