@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -307,3 +308,20 @@ def test_under_vmap_aux_and_keyword_arguments_reach_the_loss(k: int) -> None:
         assert not want_aux["out"].requires_grad  # aux is detached in eager mode too
     assert bool(finite.all())
     assert torch.equal(grads["w"][0], 2.0 * x[0].mean(0))
+
+
+def test_under_vmap_aux_that_is_not_tensors_is_refused_clearly() -> None:
+    class DynamicCache:  # what a transformers model in eval mode returns beside its logits
+        pass
+
+    params = {"w": torch.ones(3)}
+    for aux, fragment in (
+        ({"out": torch.ones(1), "name": "mlp"}, "aux holds a str at aux.name: inside vmap"),
+        ([torch.ones(1), DynamicCache()], "aux holds a DynamicCache at aux[1]"),
+    ):
+        step = pp.value_and_grad(lambda p, x, aux=aux: ((p["w"] * x).sum(), aux), has_aux=True)
+        with pytest.raises(TypeError, match=re.escape(fragment)) as info:
+            vmap(lambda x, step=step: step(params, x, loss_scale=pp.NoOpLossScale()))(
+                torch.ones(2, 3)
+            )
+        assert ("use_cache=False" in str(info.value)) == isinstance(aux, list)

@@ -757,6 +757,11 @@ BAD_INPUT: dict[str, list[Case]] = {
                  LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "f", "g")},
                  torch.ones(1, 3), policy=32),
              ValueError, "of Linear: 'a', 'b', 'c', 'd', 'e' and 2 more; functional_call"),
+        case("five-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "of Linear: 'a', 'b', 'c', 'd', 'e'; functional_call"),
         case("six-unknown-names",
              lambda: pp.apply_with_policy(
                  LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "zzz")},

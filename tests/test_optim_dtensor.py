@@ -161,3 +161,7 @@ def test_a_plain_gradient_for_a_dtensor_parameter_is_refused(mesh: Any) -> None:
     message = str(info.value)
     assert "gradient of w" in message and ": a Tensor against a DTensor with placements" in message
     assert "(Shard(dim=0),) on DeviceMesh" in message
+    assert message.endswith(
+        "; a DTensor parameter needs a DTensor gradient on its mesh with its placements (as "
+        "value_and_grad returns)"
+    )

@@ -292,17 +292,20 @@ def test_an_int_step_and_a_tensor_step_give_the_same_bits() -> None:
 
 
 @pytest.mark.parametrize(
-    ("schedule", "values"),
+    ("kind", "args", "values"),
     [
-        (pp.optim.warmup_linear(2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),  # a one-step decay
-        (pp.optim.warmup_cosine(2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),
-        (pp.optim.warmup_linear(2, 2), [0.0, 0.5, 0.0, 0.0, 0.0]),  # no decay steps at all
-        (pp.optim.warmup_cosine(0, 0), [1.0, 0.0, 0.0, 0.0, 0.0]),  # neither
-        (pp.optim.warmup_cosine(1, 3, min_factor=1.0), [0.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", (2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),  # a one-step decay
+        ("cosine", (2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),
+        ("linear", (2, 2), [0.0, 0.5, 0.0, 0.0, 0.0]),  # no decay steps at all
+        ("cosine", (0, 0), [1.0, 0.0, 0.0, 0.0, 0.0]),  # neither
+        ("cosine", (1, 3, 1.0), [0.0, 1.0, 1.0, 1.0, 1.0]),  # a floor of 1
     ],
-    ids=repr,
 )
-def test_short_schedules(schedule: Any, values: list[float]) -> None:
+def test_short_schedules(kind: str, args: tuple[Any, ...], values: list[float]) -> None:
+    if kind == "linear":
+        schedule: Any = pp.optim.warmup_linear(*args)
+    else:
+        schedule = pp.optim.warmup_cosine(*args[:2], min_factor=args[2] if len(args) > 2 else 0.0)
     assert [float(schedule(s)) for s in range(5)] == values
 
 
@@ -422,3 +425,26 @@ def test_a_partitions_repr_names_its_optimizers_and_labels() -> None:
     tree = {"w": "a"}
     opt = pp.optim.partition({"a": pp.optim.sgd(0.1)}, tree)
     assert repr(opt) == "partition({'a': " + repr(pp.optim.sgd(0.1)) + "}, labels={'w': 'a'})"
+
+
+def test_a_torch_run_continues_on_nested_params_labelled_by_path() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nested = {"blocks": [dict(model[0].named_parameters()), dict(model[1].named_parameters())]}
+    torch_opt = torch.optim.SGD(
+        [
+            {"params": list(model[0].parameters()), "lr": 0.1},
+            {"params": list(model[1].parameters()), "lr": 0.2},
+        ],
+        momentum=0.9,
+    )
+    model(torch.randn(5, 4)).square().mean().backward()
+    torch_opt.step()
+    opt = pp.optim.partition(
+        {"first": pp.optim.sgd(0.1, momentum=0.9), "second": pp.optim.sgd(0.2, momentum=0.9)},
+        lambda path, leaf: "first" if path.startswith("blocks.0.") else "second",
+    )
+    params = pp._tree.tree_map(lambda t: t.detach(), nested)
+    state = opt.from_torch_state_dict(torch_opt.state_dict(), params)
+    buffers = state.states["second"].momentum_buffer["blocks"][1]
+    assert torch.equal(buffers["weight"], torch_opt.state[model[1].weight]["momentum_buffer"])
+    assert state.states["second"].momentum_buffer["blocks"][0]["weight"] is None

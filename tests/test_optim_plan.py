@@ -251,10 +251,11 @@ def test_a_kept_plan_serves_only_trees_of_its_keys_and_dtypes() -> None:
 
 def test_leaves_without_gradients_before_others_leave_them_alone() -> None:
     opt = pp.optim.sgd(0.5)
-    params = {"count": torch.tensor(3), "frozen": torch.ones(2), "w": torch.ones(2)}
-    grads = {"count": None, "frozen": None, "w": torch.ones(2)}
+    params = {"name": "mlp", "count": torch.tensor(3), "frozen": torch.ones(2), "w": torch.ones(2)}
+    grads = {"name": "mlp", "count": None, "frozen": None, "w": torch.ones(2)}
     new, _ = opt.step(params, grads, opt.init(params))
     assert new["count"] is params["count"] and new["frozen"] is params["frozen"]
+    assert new["name"] == "mlp"  # a leaf that is no tensor, in both trees
     assert new["w"].tolist() == [0.5, 0.5]
 
 

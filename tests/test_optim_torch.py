@@ -166,6 +166,10 @@ def test_an_older_state_dict_without_decoupled_weight_decay_is_adams() -> None:
     assert int(pp.optim.adam(0.01).from_torch_state_dict(state_dict, params).step) == 1
     with pytest.raises(ValueError, match="has decoupled_weight_decay=False but this optimizer"):
         pp.optim.adamw(0.01, weight_decay=0).from_torch_state_dict(state_dict, params)
+    for group in state_dict["param_groups"]:  # other settings are not assumed
+        del group["maximize"]
+    with pytest.raises(ValueError, match="has maximize=None but this optimizer has maximize=False"):
+        pp.optim.adam(0.01).from_torch_state_dict(state_dict, params)
 
 
 def test_bad_torch_state_dicts_are_refused_clearly() -> None:
@@ -174,7 +178,9 @@ def test_bad_torch_state_dicts_are_refused_clearly() -> None:
     for groups in ([], "groups"):
         with pytest.raises(
             ValueError,
-            match=re.escape("state_dict['param_groups'] must be a non-empty list of groups"),
+            match="^"
+            + re.escape("state_dict['param_groups'] must be a non-empty list of groups")
+            + "$",
         ):
             opt.from_torch_state_dict({**state_dict, "param_groups": groups}, params)
     with pytest.raises(

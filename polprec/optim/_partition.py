@@ -53,7 +53,7 @@ class Partition:
         self._plans: dict[Any, Plan] = {}
 
     def __repr__(self) -> str:
-        labels = getattr(self.labels, "__name__", None) if callable(self.labels) else None
+        labels = getattr(self.labels, "__name__", None)  # a function by its name
         return f"partition({self.optimizers!r}, labels={labels or self.labels!r})"
 
     # --- labels
