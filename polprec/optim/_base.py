@@ -20,19 +20,14 @@ from typing import Any, ClassVar
 import torch
 
 from polprec import _tree
-from polprec._checks import check_int, check_number
+from polprec._checks import check_int, check_nonnegative
 from polprec.optim import _engine, _plan, _precision
 from polprec.optim._precision import Mode, check_bool
 from polprec.optim._states import OptState
 from polprec.optim._torch import from_torch
 from polprec.optim._update import Buffers
 
-__all__ = ["Optimizer", "check_nonnegative", "setting"]
-
-
-def check_nonnegative(name: str, value: Any) -> float:
-    """A number setting >= 0, as a float."""
-    return check_number(name, value, positive=False)
+__all__ = ["Optimizer", "setting"]
 
 
 # pragma: no mutate start

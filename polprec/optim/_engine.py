@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from polprec import _dtensor, _fused, _tree
-from polprec._checks import check_grads_finite, check_number
+from polprec._checks import check_grads_finite, check_nonnegative
 from polprec.optim._plan import Flat, Group, Labels, Plan, plan_for
 from polprec.optim._precision import Mode
 from polprec.optim._update import Column, Result, fused, plain
@@ -134,7 +134,7 @@ def check_lr(name: str, lr: Any) -> float | torch.Tensor:
         return lr
     if torch.compiler.is_compiling() and isinstance(lr, int | float) and not isinstance(lr, bool):
         return lr  # its value may be symbolic, unknown while tracing: checked in eager mode
-    return check_number(name, lr, positive=False)
+    return check_nonnegative(name, lr)
 
 
 def learning_rate(lr: float | torch.Tensor, lr_scale: Any) -> float | torch.Tensor:

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from polprec import _fused
-from polprec.optim._base import Optimizer, check_nonnegative, setting
+from polprec._checks import check_nonnegative
+from polprec.optim._base import Optimizer, setting
 from polprec.optim._precision import check_bool
 from polprec.optim._states import OptState, SGDState
 from polprec.optim._update import Buffers
