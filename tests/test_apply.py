@@ -455,3 +455,24 @@ def test_an_island_called_with_keyword_arguments_gets_them() -> None:
     x = torch.randn(2, 3)
     out = pp.apply_with_policy(model, params, x, policy=rules)
     assert torch.allclose(out.float(), model(x), atol=2e-2)
+
+
+def test_a_modules_names_are_read_once_while_it_keeps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polprec import _context
+
+    reads: list[int] = []
+    names = _context._names
+    monkeypatch.setattr(_context, "_names", lambda m: (reads.append(1), names(m))[1])
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        pp.apply_with_policy(model, params, x, policy="32-true")
+    assert len(reads) == 1
+    model.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+    pp.apply_with_policy(model, params | {"extra": torch.ones(1)}, x, policy="32-true")
+    assert len(reads) == 2  # a name it did not know: read again, and known since
+    pp.apply_with_policy(model, params | {"extra": torch.ones(1)}, x, policy="32-true")
+    assert len(reads) == 2

@@ -607,3 +607,20 @@ def test_a_dtensor_flag_is_taken_as_its_global_value(mesh: Any) -> None:
     assert type(state.skips) is torch.Tensor
     with pytest.raises(ValueError, match="grads_finite must be a 0-dim torch.bool tensor"):
         opt.step(params, {"w": torch.ones(3)}, opt.init(params), grads_finite=flag.float())
+
+
+def test_dtensor_params_read_the_modules_names_once(
+    mesh: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polprec import _context
+
+    model, (x, _) = _mlp(), _batch()
+    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _params("32-true").items()}
+    buffers = {"running": torch.zeros(1)}
+    model.register_buffer("running", buffers["running"])
+    reads: list[int] = []
+    names = _context._names
+    monkeypatch.setattr(_context, "_names", lambda m: (reads.append(1), names(m))[1])
+    for _ in range(2):
+        out = pp.apply_with_policy(model, (sharded, buffers), x, policy="bf16-mixed")
+    assert len(reads) == 1 and out.shape == (x.shape[0], 3)
