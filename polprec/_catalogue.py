@@ -153,5 +153,5 @@ def hint(text: str) -> str:
     if normal in SPEC_NAMES:
         return f"did you mean {normal!r}?"
     candidates = [*SPEC_NAMES, *DTYPE_NAMES]
-    close = difflib.get_close_matches(text, candidates, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(text, candidates, cutoff=0.75)  # (the best first)
     return f"did you mean {close[0]!r}?" if close else ""

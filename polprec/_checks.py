@@ -28,6 +28,11 @@ def check_number(name: str, value: Any, *, positive: bool = True) -> float:
     return number
 
 
+def check_nonnegative(name: str, value: Any) -> float:
+    """A Python number setting >= 0, as a float."""
+    return check_number(name, value, positive=False)
+
+
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """Validate an int setting of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -41,7 +46,7 @@ def check_scale_bounds(
     loss_scale: Any, min_loss_scale: Any, max_loss_scale: Any
 ) -> tuple[float, float | None]:
     """Validate ``min_loss_scale <= loss_scale <= max_loss_scale`` (a tensor scale is not read)."""
-    low = check_number("min_loss_scale", min_loss_scale, positive=False)
+    low = check_nonnegative("min_loss_scale", min_loss_scale)
     high = None if max_loss_scale is None else check_number("max_loss_scale", max_loss_scale)
     if high is not None and high < low:
         raise ValueError(f"max_loss_scale ({high!r}) must be >= min_loss_scale ({low!r})")
@@ -55,8 +60,10 @@ def check_scale_bounds(
     return low, high
 
 
-def as_tensor(name: str, value: Any, dtype: torch.dtype, *, positive: bool) -> torch.Tensor:
+def as_tensor(name: str, value: Any, dtype: torch.dtype, *, positive: bool = False) -> torch.Tensor:
     """A 0-dim ``dtype`` tensor from a number (value-checked) or a tensor (checked statically).
+
+    A floating number must be > 0 with ``positive``, else >= 0; an integer must be >= 0.
 
     Tensor values are not inspected: that would need a host synchronisation, and states are
     rebuilt from tensors on every step.
@@ -87,7 +94,7 @@ def check_grads_finite(grads_finite: Any) -> torch.Tensor:
     read)."""
     if isinstance(grads_finite, bool):
         return torch.tensor(grads_finite)
-    if type(grads_finite) is not torch.Tensor and _dtensor.is_dtensor(grads_finite):
+    if _dtensor.is_dtensor(grads_finite):
         _check_flag(grads_finite)
         return _dtensor.plain_flag(grads_finite)
     if not isinstance(grads_finite, torch.Tensor):

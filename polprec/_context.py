@@ -107,7 +107,7 @@ def cast_inputs(
     if policy.is_mixed:
         return args, kwargs
     if not keep:
-        return policy.cast_to_compute(args), policy.cast_to_compute(kwargs) if kwargs else {}
+        return policy.cast_to_compute(args), policy.cast_to_compute(kwargs)
     args = tuple(a if i in keep else policy.cast_to_compute(a) for i, a in enumerate(args))
     kwargs = {k: v if k in keep else policy.cast_to_compute(v) for k, v in kwargs.items()}
     return args, kwargs
@@ -162,8 +162,7 @@ def check_names(module: nn.Module, params_and_buffers: Any) -> None:
     """
     if torch.compiler.is_compiling():
         return
-    dicts = params_and_buffers if isinstance(params_and_buffers, tuple) else (params_and_buffers,)
-    keys = [k for d in dicts for k in d]
+    keys = list(params_and_buffers)
     cached = _NAMES.get(module)
     names = cached[0] if cached is not None and cached[0].issuperset(keys) else _names(module)[0]
     unknown = [k for k in keys if k not in names]
@@ -171,7 +170,7 @@ def check_names(module: nn.Module, params_and_buffers: Any) -> None:
         return
     hints = []
     for key in unknown[:5]:
-        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(key), names)  # (the best first)
         hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     raise ValueError(

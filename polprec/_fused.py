@@ -177,10 +177,10 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         for t in tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)
         device = tensors[0].device
-        sums = [
+        sums = [  # 2-norms, _foreach_norm's default
             n.to(device)
             for group in groups.values()
-            for n in torch._foreach_norm(group, 2, dtype=torch.float64)  # noqa: SLF001
+            for n in torch._foreach_norm(group, dtype=torch.float64)  # noqa: SLF001
         ]
         return torch.isfinite(torch.stack(sums)).all()
     return torch.stack([torch.isfinite(x).all() for x in tensors]).all()

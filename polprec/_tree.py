@@ -23,6 +23,8 @@ import torch.utils._cxx_pytree  # mirrors torch's pytree registry into optree
 import torch.utils._pytree as _torch_pytree
 
 _NAMESPACE = "torch"
+# How every optree walk here sees a tree: None an empty node, torch's registry.
+_WALK: dict[str, Any] = {"none_is_leaf": False, "namespace": _NAMESPACE}
 
 TreeSpec = optree.PyTreeSpec
 
@@ -31,7 +33,7 @@ def tree_flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     """Leaves (in a fixed order) and the structure of ``tree``."""
     if torch.compiler.is_compiling():
         return _torch_pytree.tree_flatten(tree)  # type: ignore[return-value]
-    return optree.tree_flatten(tree, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_flatten(tree, **_WALK)
 
 
 def tree_unflatten(spec: TreeSpec, leaves: Sequence[Any]) -> Any:
@@ -45,21 +47,21 @@ def tree_leaves(tree: Any) -> list[Any]:
     """The leaves of ``tree``."""
     if torch.compiler.is_compiling():
         return _torch_pytree.tree_leaves(tree)
-    return optree.tree_leaves(tree, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_leaves(tree, **_WALK)
 
 
 def tree_structure(tree: Any) -> TreeSpec:
     """The structure of ``tree``."""
     if torch.compiler.is_compiling():
         return _torch_pytree.tree_structure(tree)  # type: ignore[return-value]
-    return optree.tree_structure(tree, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_structure(tree, **_WALK)
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     """Apply ``fn`` leafwise over ``tree`` and trees of the same structure."""
     if torch.compiler.is_compiling():
         return _torch_pytree.tree_map(fn, tree, *rest)
-    return optree.tree_map(fn, tree, *rest, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_map(fn, tree, *rest, **_WALK)
 
 
 def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any], TreeSpec]:
@@ -76,7 +78,7 @@ def tree_flatten_with_path(tree: Any) -> tuple[list[tuple[Any, ...]], list[Any],
             return [(i,) for i in range(len(leaves))], leaves, spec  # type: ignore[return-value]
         paths = [tuple(_raw_key(k) for k in path) for path, _ in pairs]
         return paths, [x for _, x in pairs], spec  # type: ignore[return-value]
-    return optree.tree_flatten_with_path(tree, none_is_leaf=False, namespace=_NAMESPACE)
+    return optree.tree_flatten_with_path(tree, **_WALK)
 
 
 def _raw_key(entry: Any) -> Any:

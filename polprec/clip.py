@@ -97,10 +97,9 @@ def clip_by_global_norm(
         ]
     if shards is not None:
         per_leaf = shards.global_norms(per_leaf, p)
-    device, dtype = floats[0].device, per_leaf[0].dtype
-    if any(n.dtype != dtype for n in per_leaf):
-        dtype = torch.float64
-    total = torch.linalg.vector_norm(torch.stack([n.to(device, dtype) for n in per_leaf]), p)
+    device = floats[0].device
+    # float32 norms, or float64 ones for float64 leaves: stacked, a mix promotes to float64
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in per_leaf]), p)
     coef = torch.clamp(limit / (total + 1e-6), max=1.0)
     if fused and all(x.device == device for x in floats):
         clipped = _fused.mul(floats, coef)

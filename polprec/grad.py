@@ -140,10 +140,10 @@ def value_and_grad(
             idx = [i for i, x in enumerate(leaves) if _tree.is_float_tensor(x)]
         diff, slot = _distinct([leaves[i] for i in idx])
         _grad_checks.check_params(params, leaves, diff)
+        # (any_dtensor refuses DTensors inside torch.func transforms; mixing them with plain
+        # tensors is checked after the forward pass, so that a module wrapped by DDP or FSDP2
+        # is refused first, naming what to do instead)
         sharded = _dtensor.any_dtensor(diff)
-        if sharded:  # (mixing with plain tensors is checked after the forward pass, so that
-            # a module wrapped by DDP or FSDP2 is refused first, naming what to do instead)
-            _dtensor.refuse_transforms("value_and_grad")
         simple = len(idx) == len(leaves) and len(diff) == len(leaves)  # every leaf differentiated
 
         def rebuild(new: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
@@ -174,8 +174,9 @@ def value_and_grad(
                 acc = _fused.accumulate(acc, dgrads, owned=acc_owned)
             acc, finite = _unscale(acc, loss_scale, acc_owned, sharded)
             dgrads = [g.to(x.dtype) for g, x in zip(acc, diff, strict=True)]
-            loss = torch.stack([x.float() for x in losses]).mean().to(losses[0].dtype)
-            aux = stack_trees(auxes) if has_aux else None
+            # (every chunk's loss has the dtype of the last one; without aux, auxes are None)
+            loss = torch.stack([x.float() for x in losses]).mean().to(loss.dtype)
+            aux = stack_trees(auxes)
         if process_group is not None:
             finite = all_finite_across(finite, group=process_group)
         if simple:
@@ -241,7 +242,7 @@ def _scaled_grads(
     """
 
     def scale(loss: torch.Tensor) -> torch.Tensor:
-        return scale_loss(loss if k == 1 else loss / k, loss_scale)
+        return scale_loss(loss / k, loss_scale)  # (a division by 1 is exact)
 
     if not _fused.tracing() or sharded:
         inputs = [x.detach().requires_grad_() for x in diff]
@@ -253,7 +254,7 @@ def _scaled_grads(
             try:
                 got = torch.autograd.grad(scale(loss), inputs, allow_unused=True)
             except RuntimeError:
-                guard.settle(loss, None, (args, kwargs))
+                guard.settle(loss, None, ())  # (inputs are read only beside gradients)
                 raise
         guard.settle(loss, got, (args, kwargs))
         _grad_checks.check_reached(got)

@@ -190,10 +190,8 @@ class DynamicLossScale(_Scales, State):
         tracker = hysteresis if hysteresis_tracker is None else hysteresis_tracker
         values = {
             "loss_scale": as_tensor("loss_scale", loss_scale, torch.float32, positive=True),
-            "counter": as_tensor("counter", counter, torch.int32, positive=False),
-            "hysteresis_tracker": as_tensor(
-                "hysteresis_tracker", tracker, torch.int32, positive=False
-            ),
+            "counter": as_tensor("counter", counter, torch.int32),
+            "hysteresis_tracker": as_tensor("hysteresis_tracker", tracker, torch.int32),
             "period": period,
             "factor": factor,
             "min_loss_scale": min_loss_scale,

@@ -271,8 +271,7 @@ def get_policy(spec: PolicySpec = None) -> Policy:
     if isinstance(spec, str) and spec.strip().lower() in AMBIGUOUS:
         warnings.warn(
             f"precision {spec!r} is ambiguous: {AMBIGUOUS[spec.strip().lower()]}",
-            UserWarning,
-            stacklevel=2,
+            stacklevel=2,  # (a UserWarning, warn's default)
         )
     if env and os.environ.get(CLI_ENV_VAR) == "1":
         cli_policy = parse_spec(env)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import collections
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.utils._pytree as torch_pytree
 from hypothesis import HealthCheck, Phase, settings
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -133,3 +138,15 @@ class Block(nn.Module):
         h = nn.functional.gelu(self.norm(self.inp(x)))
         a, _ = self.attn(h, h, h, need_weights=False)
         return self.out(a + h).squeeze(-1).mean(-1)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Any]:
+    """A one-rank gloo group in this process and a 1-D mesh over it, torn down afterwards."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

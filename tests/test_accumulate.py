@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -249,3 +250,78 @@ def test_compiled_accumulating_step_with_clipping_matches_eager() -> None:
         assert int(got[3].counter) == int(want[3].counter)
         params, state = got[2], got[3]
     assert float(state.loss_scale) == 2.0**9 and int(state.counter) == 1
+
+
+def test_16_bit_parameters_get_16_bit_gradients_and_loss() -> None:
+    """The chunks' gradients are summed in float32 and returned in each parameter's dtype; the
+    loss is the chunks' mean in the chunks' dtype."""
+
+    def loss_fn(params: Any, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ params["w"] + params["b"]) ** 2).mean()  # bfloat16 throughout
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(6, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    params = {k: v.bfloat16() for k, v in params.items()}
+    x = torch.randn(8, 6, generator=gen).bfloat16()
+    loss, grads, finite, _ = pp.value_and_grad(loss_fn, microbatches=2)(
+        params, x, loss_scale=pp.NoOpLossScale()
+    )
+    full_loss, full_grads, _, _ = pp.value_and_grad(loss_fn)(
+        params, x, loss_scale=pp.NoOpLossScale()
+    )
+    assert bool(finite) and loss.dtype == torch.bfloat16
+    assert_trees_all_equal_dtypes(grads, torch.bfloat16)
+    assert_trees_all_close(grads, full_grads, dtype=torch.bfloat16)
+    assert_trees_all_close(loss, full_loss, dtype=torch.bfloat16)
+
+
+def test_a_top_level_argument_is_named_without_a_path() -> None:
+    step = pp.value_and_grad(lambda p, x: (p["w"] * x).sum(), microbatches=2)
+    with pytest.raises(
+        ValueError,
+        match=r"microbatches=2 cannot split positional argument 0: its leading dimension 3 ",
+    ):
+        step({"w": torch.ones(1)}, torch.ones(3), loss_scale=pp.NoOpLossScale())
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_under_vmap_aux_and_keyword_arguments_reach_the_loss(k: int) -> None:
+    """The transform path (torch.func.grad inside vmap): keyword arguments, aux with tensors."""
+
+    def loss_fn(params: Any, x: torch.Tensor, *, scale: torch.Tensor) -> Any:
+        out = (params["w"] * x).sum(-1)
+        return out.mean() * scale, {"out": out}
+
+    step = pp.value_and_grad(loss_fn, has_aux=True, microbatches=k)
+    params = {"w": torch.ones(3)}
+    x = torch.arange(24.0).reshape(2, 4, 3)  # two examples of a batch of 4
+
+    def one(xb: torch.Tensor) -> Any:
+        return step(params, xb, scale=torch.tensor(2.0), loss_scale=pp.NoOpLossScale())
+
+    (loss, aux), grads, finite, _ = vmap(one)(x)
+    for i in range(2):
+        (want_loss, want_aux), want, _, _ = one(x[i])
+        assert_trees_all_close(loss[i], want_loss, rtol=1e-6, atol=0)
+        assert_trees_all_close(grads["w"][i], want["w"], rtol=1e-6, atol=0)
+        assert_trees_all_close(aux["out"][i], want_aux["out"], rtol=0, atol=0)
+        assert not want_aux["out"].requires_grad  # aux is detached in eager mode too
+    assert bool(finite.all())
+    assert torch.equal(grads["w"][0], 2.0 * x[0].mean(0))
+
+
+def test_under_vmap_aux_that_is_not_tensors_is_refused_clearly() -> None:
+    class DynamicCache:  # what a transformers model in eval mode returns beside its logits
+        pass
+
+    params = {"w": torch.ones(3)}
+    for aux, fragment in (
+        ({"out": torch.ones(1), "name": "mlp"}, "aux holds a str at aux.name: inside vmap"),
+        ([torch.ones(1), DynamicCache()], "aux holds a DynamicCache at aux[1]"),
+    ):
+        step = pp.value_and_grad(lambda p, x, aux=aux: ((p["w"] * x).sum(), aux), has_aux=True)
+        with pytest.raises(TypeError, match=re.escape(fragment)) as info:
+            vmap(lambda x, step=step: step(params, x, loss_scale=pp.NoOpLossScale()))(
+                torch.ones(2, 3)
+            )
+        assert ("use_cache=False" in str(info.value)) == isinstance(aux, list)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Block
+from conftest import Block, make_tree
 from helpers import block_batch, mse_loss_fn
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
@@ -251,6 +251,25 @@ def test_value_and_grad_has_aux_and_non_float_leaves() -> None:
     assert isinstance(state, pp.StaticLossScale)
 
 
+@pytest.mark.parametrize("shape", ["nested", "list", "tuple", "namedtuple", "registered", "mixed"])
+def test_value_and_grad_keeps_the_structure_of_any_params_tree(shape: str) -> None:
+    params = make_tree(shape)
+    floats = [x for x in _tree.tree_leaves(params) if _tree.is_float_tensor(x)]
+
+    def loss_fn(p: Any) -> torch.Tensor:
+        leaves = [x for x in _tree.tree_leaves(p) if _tree.is_float_tensor(x)]
+        return sum((x**2).sum() for x in leaves)  # type: ignore[return-value]
+
+    _, grads, finite, _ = pp.value_and_grad(loss_fn)(params, loss_scale=pp.StaticLossScale(4.0))
+    assert _tree.tree_structure(grads) == _tree.tree_structure(
+        _tree.tree_map(lambda x: x if _tree.is_float_tensor(x) else None, params)
+    )
+    got = [g for g in _tree.tree_leaves(grads) if g is not None]
+    assert len(got) == len(floats) and bool(finite)
+    for g, x in zip(got, floats, strict=True):
+        assert torch.equal(g, 2 * x)
+
+
 def test_value_and_grad_unused_parameter_gets_zero_grad() -> None:
     step = pp.value_and_grad(lambda p: (p["a"] ** 2).sum())
     _, grads, _, _ = step(
@@ -364,3 +383,122 @@ def test_a_compiled_step_does_not_recompile_once_the_wrapper_classes_are_known(
     with torch._dynamo.config.patch(error_on_recompile=True):
         loss, _, finite, _ = step(params, x, loss_scale=pp.NoOpLossScale())
     assert bool(finite) and loss.dim() == 0
+
+
+def test_autocast_defaults_to_the_default_device_and_works_under_vmap() -> None:
+    a = torch.randn(3, 4, 4)
+    with pp.autocast("bf16-mixed"):  # torch's default device: the CPU here
+        assert (a[0] @ a[0]).dtype == torch.bfloat16
+    for spec, dtype in (("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16)):
+
+        def square(x: torch.Tensor, spec: str = spec) -> torch.Tensor:
+            with pp.autocast(spec, "cpu"):
+                return x @ x
+
+        assert vmap(square)(a).dtype == dtype  # the policy's dtype, not autocast's default
+
+
+def test_the_required_policy_shows_in_the_signature() -> None:
+    import inspect
+
+    policy = inspect.signature(pp.apply_with_policy).parameters["policy"]
+    assert repr(policy.default) == "<required>" and "policy: " in str(policy)
+
+
+@pytest.mark.parametrize("rules", [False, True], ids=["policy", "rules"])
+def test_strict_calls_need_every_parameter_and_buffer(rules: bool) -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    policy: Any = pp.PolicyRules("32-true") if rules else "32-true"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        pp.apply_with_policy(model, params, x, policy=policy, strict=True)
+    out = pp.apply_with_policy(model, (params, buffers), x, policy=policy, strict=True)
+    assert out.shape == (4, 2)
+
+
+def test_a_module_without_parameters_runs_on_its_inputs_device() -> None:
+    out = pp.apply_with_policy(nn.Softmax(-1), {}, torch.randn(2, 3), policy="bf16-mixed")
+    assert out.dtype == torch.float32 and torch.allclose(out.sum(-1), torch.ones(2))
+
+
+def test_the_first_positional_input_can_be_kept() -> None:
+    seen: list[torch.dtype] = []
+
+    class Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor, *, c: torch.Tensor) -> torch.Tensor:
+            seen.extend([a.dtype, b.dtype, c.dtype])
+            return a.float() + b.float() + c.float()
+
+    x = torch.ones(2)
+    pp.apply_with_policy(Two(), {}, (x, x), {"c": x}, policy="bf16-true", keep_dtype=(0,))
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+    seen.clear()
+    pp.apply_with_policy(Two(), {}, (x, x), {"c": x}, policy="bf16-true", keep_dtype=("c",))
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]
+
+
+def test_a_tensor_under_two_buffer_names_may_be_given_under_both() -> None:
+    model = nn.BatchNorm1d(3)
+    model.register_buffer("alias", model.running_mean)  # one buffer, two names
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    assert {"alias", "running_mean"} <= set(buffers)
+    out = pp.apply_with_policy(
+        model.eval(), (dict(model.named_parameters()), buffers), torch.randn(4, 3), policy=32
+    )
+    assert out.shape == (4, 3)
+
+
+def test_islands_leave_no_call_of_their_own_on_the_modules() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    rules = pp.PolicyRules("bf16-true", {nn.LayerNorm: "32-true"})
+    params = rules.cast_params(dict(model.named_parameters()), module=model)
+    pp.apply_with_policy(model, params, torch.randn(2, 3), policy=rules)
+    assert all("_call_impl" not in m.__dict__ for m in model.modules())
+
+
+def test_an_island_called_with_keyword_arguments_gets_them() -> None:
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gate(x, scale=torch.tensor(2.0))
+
+    model = Outer()
+    rules = pp.PolicyRules("bf16-true", {Gate: "32-true"})
+    params = rules.cast_params(dict(model.named_parameters()), module=model)
+    x = torch.randn(2, 3)
+    out = pp.apply_with_policy(model, params, x, policy=rules)
+    assert torch.allclose(out.float(), model(x), atol=2e-2)
+
+
+def test_a_modules_names_are_read_once_while_it_keeps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polprec import _context
+
+    reads: list[int] = []
+    names = _context._names
+    monkeypatch.setattr(_context, "_names", lambda m: (reads.append(1), names(m))[1])
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        pp.apply_with_policy(model, params, x, policy="32-true")
+    assert len(reads) == 1
+    model.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+    pp.apply_with_policy(model, params | {"extra": torch.ones(1)}, x, policy="32-true")
+    assert len(reads) == 2  # a name it did not know: read again, and known since
+    pp.apply_with_policy(model, params | {"extra": torch.ones(1)}, x, policy="32-true")
+    assert len(reads) == 2

@@ -190,9 +190,11 @@ _WRAPPED_ROUTES = (
     "step(..., donate=True)",
 )
 _DCP_PATTERN = (
-    "drops the new state it returns",
+    "drops the new state it returns (polprec states are immutable), so the object would keep "
+    "its fresh values. Load into its state_dict() and rebuild the state from that: "
     "sd = {'opt_state': opt_state.state_dict()}; dcp.load(sd, checkpoint_id=path); "
-    "opt_state = opt_state.load_state_dict(sd['opt_state'])",
+    "opt_state = opt_state.load_state_dict(sd['opt_state']). (Saving the state object itself "
+    "works: dcp.save stores its state_dict(), which that pattern loads.)",
 )
 
 
@@ -259,6 +261,12 @@ def _step_torch(
 def _with_found_inf(ps: Any) -> torch.optim.Optimizer:
     optimizer = torch.optim.SGD(ps, fused=True)
     optimizer.found_inf = torch.zeros(())  # type: ignore[attr-defined]
+    return optimizer
+
+
+def _with_grad_scale(ps: Any) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(ps, fused=True)
+    optimizer.grad_scale = torch.ones(())  # type: ignore[attr-defined]
     return optimizer
 
 
@@ -710,13 +718,21 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("str-params", lambda: pp.apply_with_policy(LIN, "params", torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
              TypeError, "str"),
         case("list-params", lambda: pp.apply_with_policy(LIN, [1], policy="bf16-mixed"),  # type: ignore[arg-type]
-             TypeError, "params_and_buffers"),
+             TypeError, "params_and_buffers must be a dict of tensors by name (or a tuple of "
+             "dicts), got list"),
+        case("tuple-with-a-list",
+             lambda: pp.apply_with_policy(LIN, (PARAMS, [1]), torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
+             TypeError, "params_and_buffers as a tuple holds dicts of tensors by name, got a "
+             "list in it"),
         case("tuple-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), kwargs=(1,), policy=32),  # type: ignore[arg-type]
              TypeError, "tuple"),
         case("second-positional-input",
              lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), torch.ones(1, 3), policy=32),  # type: ignore[arg-type]
              TypeError, "several positional inputs", "(x, y)"),
+        case("int-kwargs",
+             lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3), kwargs=1.5, policy=32),  # type: ignore[arg-type]
+             TypeError, "kwargs must be a dict or None, got float"),
         case("list-kwargs",
              lambda: pp.apply_with_policy(LIN, PARAMETERS, torch.ones(1, 3), kwargs=[1], policy="bf16-mixed"),  # type: ignore[arg-type]
              TypeError, "kwargs"),
@@ -731,11 +747,29 @@ BAD_INPUT: dict[str, list[Case]] = {
              TypeError, "the policy is keyword-only",
              "apply_with_policy(module, params, args, policy='bf16-mixed')"),
         case("missing-policy", lambda: pp.apply_with_policy(LIN, PARAMS, torch.ones(1, 3)),
-             TypeError, "needs policy=..., by keyword"),
+             TypeError, "apply_with_policy needs policy=..., by keyword: a Policy, PolicyRules "
+             "or any spec get_policy accepts, e.g. apply_with_policy(module, params, args, "
+             "policy='bf16-mixed')"),
         case("typo-in-name",
              lambda: pp.apply_with_policy(LIN, {"wieght": PARAMS["weight"]}, torch.ones(1, 3), policy=32),
-             ValueError, "name no parameter or buffer of Linear: 'wieght' (did you mean 'weight'?)",
-             "functional_call would ignore them"),
+             ValueError, "name no parameter or buffer of Linear: 'wieght' (did you mean 'weight'?)"
+             "; functional_call would ignore them and use the module's own tensors. Use the "
+             "names of module.named_parameters() and module.named_buffers()"),
+        case("many-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "f", "g")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "of Linear: 'a', 'b', 'c', 'd', 'e' and 2 more; functional_call"),
+        case("five-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "of Linear: 'a', 'b', 'c', 'd', 'e'; functional_call"),
+        case("six-unknown-names",
+             lambda: pp.apply_with_policy(
+                 LIN, {k: PARAMS["weight"] for k in ("a", "b", "c", "d", "e", "zzz")},
+                 torch.ones(1, 3), policy=32),
+             ValueError, "'d', 'e' and 1 more;"),
         case("unknown-name-rules",
              lambda: pp.apply_with_policy(LIN, {"head.bias": torch.zeros(2)}, torch.ones(1, 3),
                                           policy=pp.PolicyRules("bf16-mixed")),
@@ -751,7 +785,8 @@ BAD_INPUT: dict[str, list[Case]] = {
              ValueError, "start at 0"),
         case("tuple-of-dicts-twice",
              lambda: pp.apply_with_policy(LIN, (PARAMS, PARAMS), torch.ones(1, 3), policy=32),
-             ValueError, "['bias', 'weight'] appear in more than one"),
+             ValueError, "['bias', 'weight'] appear in more than one of its dicts; each parameter "
+             "or buffer may be given once"),
         case("ddp-module", _wrapped(lambda m: nn.parallel.DistributedDataParallel(m)), TypeError,
              "got a DistributedDataParallel module: DDP averages gradients", *_WRAPPED_ROUTES),
         case("fsdp2-module", _wrapped(_fully_shard_all), TypeError,
@@ -777,7 +812,7 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("device", lambda: pp.autocast(32, device_type=torch.device("cpu")), TypeError,  # type: ignore[arg-type]
              "device"),
         case("device_type-0", lambda: pp.autocast("bf16-mixed", device_type=0), TypeError,  # type: ignore[arg-type]
-             "device_type"),
+             "device_type must be a str such as 'cpu' or 'cuda', got 0 of type int"),
     ],
     "full_precision": [
         case("None", lambda: pp.full_precision()(None), TypeError, "None"),  # type: ignore[arg-type]
@@ -788,7 +823,8 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("str-fn", lambda: pp.value_and_grad("f"), TypeError, "callable"),  # type: ignore[arg-type]
         case("has_aux-yes", lambda: pp.value_and_grad(len, has_aux="yes"), TypeError, "'yes'"),  # type: ignore[arg-type]
         case("has_aux-1", lambda: pp.value_and_grad(lambda q: q, has_aux=1), TypeError, "has_aux"),  # type: ignore[arg-type]
-        case("group-0-len", lambda: pp.value_and_grad(len, process_group=0), TypeError, "0"),
+        case("group-0-len", lambda: pp.value_and_grad(len, process_group=0), TypeError,
+             "process_group must be a torch.distributed.ProcessGroup", "got 0 of type int"),
         *(
             case(f"microbatches-{bad!r}", lambda bad=bad: pp.value_and_grad(len, microbatches=bad),
                  exc, f"microbatches must be an int >= 1, got {bad!r}")
@@ -957,10 +993,14 @@ BAD_INPUT: dict[str, list[Case]] = {
     # --- polprec.optim (the optimizers' own table is tests/test_optim_errors.py) ---------
     "optim.step_torch": [
         case("polprec-optimizer", _step_torch(lambda ps: pp.optim.adamw()), TypeError,
-             "optimizer must be a torch.optim.Optimizer, got Adam"),
+             "optimizer must be a torch.optim.Optimizer, got Adam; polprec's own optimizers take "
+             "grads_finite= in their step"),
         *(
             case(f"not-fused-{id}", _step_torch(make), ValueError, fragment,
-                 "cannot skip a step without a host sync", "Build it with fused=True")
+                 "cannot skip a step without a host sync: only a fused kernel reads the finite "
+                 "flag on the device; any other torch optimizer skips by not calling step(), "
+                 "which needs the flag on the host (what GradScaler.step does). Build it with "
+                 "fused=True (torch.optim.SGD, Adam, AdamW and Adagrad take it), or use pp.optim")
             for id, make, fragment in [
                 ("sgd", lambda ps: torch.optim.SGD(ps), "SGD(fused=None)"),
                 ("adamw-foreach", lambda ps: torch.optim.AdamW(ps, foreach=True),
@@ -976,27 +1016,37 @@ BAD_INPUT: dict[str, list[Case]] = {
         case("sgd-dampening-first-step",
              _step_torch(lambda ps: torch.optim.SGD(ps, momentum=0.9, dampening=0.5, fused=True)),
              ValueError, "SGD(fused=True, momentum=0.9, dampening=0.5) cannot skip its first "
-             "step without a host sync"),
+             "step without a host sync: torch sets the momentum buffers to the gradient on the "
+             "first step (decided on the host) and leaves them uninitialised when it is "
+             "skipped, and with dampening no zero buffer gives the same step; take the first "
+             "step with `if finite: optimizer.step()`, or use pp.optim.sgd"),
         case("found_inf-set", _step_torch(_with_found_inf), ValueError,
+             "SGD already has a found_inf or grad_scale attribute (a GradScaler step in "
+             "progress?); step_torch sets and removes them itself"),
+        case("grad_scale-set", _step_torch(_with_grad_scale), ValueError,
              "SGD already has a found_inf or grad_scale attribute"),
         case("module-params", _step_torch(params=lambda named: nn.Linear(3, 2)), TypeError,
              "got the module Linear itself; pass dict(model.named_parameters())"),
         case("iterator-params", _step_torch(params=lambda named: iter(named.values())),
-             TypeError, "got a dict_valueiterator"),
+             TypeError, "params must be a tree of tensors, got a dict_valueiterator"),
+        case("iterator-grads", _step_torch(grads=lambda named: iter(named.values())),
+             TypeError, "grads must be a tree of tensors, got a dict_valueiterator"),
         case("detached-params",
              _step_torch(params=lambda named: {k: v.detach() for k, v in named.items()}),
-             ValueError, "params has a tensor at weight that AdamW does not hold",
-             "not detached copies"),
+             ValueError, "params has a tensor at weight that AdamW does not hold; pass the "
+             "parameters it was built with, dict(model.named_parameters()), not detached copies"),
         case("missing-params",
              _step_torch(params=lambda named: {"weight": named["weight"]},
                          grads=lambda named: {"weight": None}),
-             ValueError, "params names 1 of the 2 parameters AdamW holds"),
+             ValueError, "params names 1 of the 2 parameters AdamW holds; name them all "
+             "(dict(model.named_parameters())) so that no stale .grad is stepped"),
         case("grads-structure", _step_torch(grads=lambda named: [None, None]), ValueError,
              "grads must have the structure of params"),
         case("grad-float64",
              _step_torch(grads=lambda named: {k: v.double() for k, v in named.items()}),
              ValueError, "the gradient of weight is torch.float64 on cpu but the parameter is "
-             "torch.float32 on cpu"),
+             "torch.float32 on cpu; torch.optim needs each gradient in its parameter's dtype and "
+             "device (value_and_grad returns them so)"),
         case("grad-int", _step_torch(grads=lambda named: {"weight": torch.zeros(2, 3).long(),
                                                           "bias": None}),
              TypeError, "the gradient of weight must be a floating tensor or None"),

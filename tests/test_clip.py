@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_tree
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.func import grad, vmap
 
 import polprec as pp
@@ -126,8 +127,71 @@ def test_the_fused_kernels_run_in_eager_mode(monkeypatch: pytest.MonkeyPatch) ->
         calls.append(len(tensors))
         return kernel(tensors, *args, **kwargs)
 
+    products: list[int] = []
+    multiply = torch._foreach_mul
+
+    def spy_mul(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        products.append(len(tensors))
+        return multiply(tensors, *args, **kwargs)
+
     monkeypatch.setattr(torch, "_foreach_norm", spy)
+    monkeypatch.setattr(torch, "_foreach_mul", spy_mul)
     pp.clip_by_global_norm({"a": torch.ones(3), "b": torch.ones(2), "n": None}, 1.0)
-    assert calls == [2]
+    assert calls == [2] and products == [2]
     vmap(lambda g: pp.clip_by_global_norm(g, 1.0))({"a": torch.ones(2, 3)})
-    assert calls == [2]  # plain ops under vmap
+    assert calls == [2] and products == [2]  # plain ops under vmap
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_the_plain_path_has_the_fused_paths_numbers(norm_type: float) -> None:
+    """Under vmap (plain ops) as in eager mode (multi-tensor kernels): the norm type, and the
+    norm in float32 for float16 gradients whose squared sum overflows float16."""
+    grads = {
+        "w": torch.full((2, 1000), 3000.0, dtype=torch.float16),
+        "b": torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float16),
+    }
+    clipped, norms = vmap(lambda g: pp.clip_by_global_norm(g, 1.0, norm_type=norm_type))(grads)
+    for i in range(2):
+        one, n = pp.clip_by_global_norm(
+            {k: v[i] for k, v in grads.items()}, 1.0, norm_type=norm_type
+        )
+        assert n.dtype == norms.dtype == torch.float32 and math.isfinite(float(n))
+        assert_trees_all_close(norms[i], n, rtol=1e-6, atol=0)
+        assert_trees_all_close({k: v[i] for k, v in clipped.items()}, one, dtype=torch.float16)
+
+
+def test_the_norm_of_nothing_is_a_float32_zero_whatever_the_default_dtype() -> None:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tree = {"step": torch.tensor(3), "n": None}
+        clipped, norm = pp.clip_by_global_norm(tree, 1.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert clipped is tree and norm.dtype == torch.float32 and float(norm) == 0.0
+
+
+def test_mixed_dtypes_give_a_float64_norm() -> None:
+    grads = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0], dtype=torch.float64)}
+    clipped, norm = pp.clip_by_global_norm(grads, 1.0)
+    assert norm.dtype == torch.float64 and float(norm) == 5.0
+    assert clipped["a"].dtype == torch.float32 and clipped["b"].dtype == torch.float64
+    assert torch.allclose(clipped["a"], torch.tensor([0.6])) and float(
+        clipped["b"]
+    ) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("placement", ["replicate", "shard0"])
+def test_one_rank_dtensor_gradients_clip_as_plain_ones(mesh: Any, placement: str) -> None:
+    where = [Replicate()] if placement == "replicate" else [Shard(0)]
+    g = torch.Generator().manual_seed(0)
+    plain = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(7, generator=g), "n": None}
+    grads = {k: v if v is None else distribute_tensor(v, mesh, where) for k, v in plain.items()}
+    for norm_type in (2.0, 1.0, math.inf):
+        ref, ref_norm = pp.clip_by_global_norm(plain, 0.5, norm_type=norm_type)
+        clipped, norm = pp.clip_by_global_norm(grads, 0.5, norm_type=norm_type)
+        assert type(norm) is torch.Tensor and torch.equal(norm, ref_norm)
+        assert clipped["n"] is None
+        for k in ("w", "b"):
+            assert type(clipped[k]) is DTensor and clipped[k].placements == tuple(where)
+            assert torch.equal(clipped[k].full_tensor(), ref[k])

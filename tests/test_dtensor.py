@@ -9,8 +9,7 @@ checks themselves. The single-process tests use a one-rank group and mesh.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -406,16 +405,7 @@ def test_a_compiled_fullgraph_sharded_step_equals_the_eager_one(
 # --- one process: a one-rank group and mesh ---------------------------------------------------
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Any]:
-    """A one-rank gloo group in this process and a 1-D mesh over it, torn down afterwards."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+# (the ``mesh`` fixture, a one-rank group and 1-D mesh, is in conftest.py)
 
 
 @pytest.mark.parametrize("spec", ["32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true"])
@@ -605,3 +595,57 @@ def test_global_indices_of_a_one_rank_dtensor_are_those_of_the_full_tensor(mesh:
         local = _dtensor.local_shard(x)  # the local tensor itself: writes land in x
         assert type(local) is torch.Tensor and local.data_ptr() == x.to_local().data_ptr()
         assert _dtensor.shard_offset(x) == ((3, 4), (0, 0))
+
+
+@pytest.mark.parametrize("placement", [Replicate(), Shard(0)], ids=["replicate", "shard0"])
+def test_unscale_and_check_and_all_finite_take_one_rank_dtensors(mesh: Any, placement: Any) -> None:
+    plain = {"w": torch.full((4, 2), 8.0), "b": torch.full((3,), -4.0), "n": torch.tensor(2)}
+    grads = {
+        k: distribute_tensor(v, mesh, [placement]) if k != "n" else v for k, v in plain.items()
+    }
+    before = snapshot(_locals({k: grads[k] for k in ("w", "b")}))
+    for state in (pp.StaticLossScale(4.0), pp.NoOpLossScale()):
+        out, finite = pp.unscale_and_check(grads, state)
+        ref, ref_finite = pp.unscale_and_check(plain, state)
+        assert type(finite) is torch.Tensor and bool(finite) and bool(ref_finite)
+        assert out["n"] is grads["n"]
+        for k in ("w", "b"):
+            assert type(out[k]) is DTensor and out[k].placements == (placement,)
+            assert torch.equal(out[k].full_tensor(), ref[k])
+    assert_unchanged(_locals({k: grads[k] for k in ("w", "b")}), before)
+    flag = pp.all_finite(grads)
+    assert type(flag) is torch.Tensor and bool(flag)
+    bad = dict(
+        grads, b=distribute_tensor(torch.tensor([1.0, float("inf"), 0.0]), mesh, [placement])
+    )
+    assert not bool(pp.all_finite(bad))
+    _, finite = pp.unscale_and_check(bad, pp.StaticLossScale(4.0))
+    assert type(finite) is torch.Tensor and not bool(finite)
+
+
+def test_a_dtensor_flag_is_taken_as_its_global_value(mesh: Any) -> None:
+    params = {"w": torch.ones(3)}
+    opt = pp.optim.sgd(0.5)
+    flag = distribute_tensor(torch.tensor(False), mesh, [Replicate()])
+    new, state = opt.step(params, {"w": torch.ones(3)}, opt.init(params), grads_finite=flag)
+    assert torch.equal(new["w"], params["w"]) and int(state.skips) == 1
+    assert type(state.skips) is torch.Tensor
+    with pytest.raises(ValueError, match="grads_finite must be a 0-dim torch.bool tensor"):
+        opt.step(params, {"w": torch.ones(3)}, opt.init(params), grads_finite=flag.float())
+
+
+def test_dtensor_params_read_the_modules_names_once(
+    mesh: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polprec import _context
+
+    model, (x, _) = _mlp(), _batch()
+    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _params("32-true").items()}
+    buffers = {"running": torch.zeros(1)}
+    model.register_buffer("running", buffers["running"])
+    reads: list[int] = []
+    names = _context._names
+    monkeypatch.setattr(_context, "_names", lambda m: (reads.append(1), names(m))[1])
+    for _ in range(2):
+        out = pp.apply_with_policy(model, (sharded, buffers), x, policy="bf16-mixed")
+    assert len(reads) == 1 and out.shape == (x.shape[0], 3)

@@ -93,7 +93,15 @@ ADAM_CASES = [
 IMPLS = {"single": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-PARITY = [("sgd", k) for k in SGD_CASES] + [("adam", k) for k in ADAM_CASES]
+PARITY = [
+    *[("sgd", k) for k in SGD_CASES],
+    *[("adam", k) for k in ADAM_CASES],
+    # the boundaries: full dampening and decay, momentum 1
+    ("sgd", dict(momentum=0.9, dampening=1.0, weight_decay=1.0)),
+    ("sgd", dict(momentum=1.0, dampening=0.5)),
+    ("adam", dict(weight_decay=1.0)),
+    ("adam", dict(weight_decay=1.0, decoupled_weight_decay=True)),
+]
 TORCH = {
     "sgd": (torch.optim.SGD, pp.optim.sgd, 0.05),
     "adam": (torch.optim.Adam, pp.optim.adam, 0.01),
@@ -161,6 +169,7 @@ PRECISIONS = {
     "master+stochastic": {"master_weights": True, "rounding": "stochastic"},
     "kahan": {"kahan": True},
     "kahan+bf16 state": {"kahan": True, "state_dtype": torch.bfloat16},
+    "kahan+stochastic": {"kahan": True, "rounding": "stochastic"},
     "bf16 state": {"master_weights": False, "state_dtype": torch.bfloat16},
 }
 OPTIMIZERS = {
@@ -409,6 +418,20 @@ def test_grad_through_an_sgd_step() -> None:
     torch.testing.assert_close(lr_leaf.grad, expected)
 
 
+def test_grad_through_a_skipped_first_step_is_finite() -> None:
+    """A skipped step's discarded update is computed at the count the step would reach (1),
+    not at the count it keeps (0, where Adam's bias corrections divide by zero): a gradient
+    through the step gets no NaN from the branch torch.where drops."""
+    opt = pp.optim.adam(0.1, weight_decay=0.1)  # the L2 term puts the update on the params
+    state = opt.init({"w": torch.ones(3)})
+
+    def skipped(w: torch.Tensor) -> torch.Tensor:
+        new, _ = opt.step({"w": w}, {"w": w * 2}, state, grads_finite=torch.tensor(False))
+        return new["w"].sum()
+
+    assert torch.equal(grad(skipped)(torch.ones(3)), torch.ones(3))
+
+
 def test_grad_through_adam_steps_matches_autograd() -> None:
     opt = pp.optim.adam(0.1)
     w0, x = torch.randn(4), torch.randn(4)
@@ -586,3 +609,143 @@ def test_defaults_are_torchs(ours: Any, theirs: Any) -> None:
         "differentiable",
         "decoupled_weight_decay",
     }
+
+
+def test_a_donated_skip_leaves_parameters_that_require_grad_alone() -> None:
+    model = torch.nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    opt = pp.optim.adamw(0.1)
+    new, state = opt.step(
+        params, grads, opt.init(params), grads_finite=torch.tensor(False), donate=True
+    )
+    assert all(torch.equal(new[k], before[k]) for k in params)
+    assert (int(state.step), int(state.skips)) == (0, 1)
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+def test_the_state_lives_on_the_parameters_device(precision: str) -> None:
+    """Not on torch's default device, and on the CPU for a tree without floating leaves."""
+    opt = pp.optim.adamw(**PRECISIONS[precision])
+    params = {"w": torch.ones(2, 3, dtype=torch.bfloat16, device="meta"), "n": torch.tensor(1)}
+    assert {t.device.type for t in _tensors(opt.init(params))} == {"meta"}
+    with torch.device("meta"):
+        on_cpu = opt.init({"w": torch.ones(2, 3, dtype=torch.bfloat16, device="cpu")})
+        no_floats = opt.init({"n": torch.tensor(1, device="cpu")})
+    assert {t.device.type for t in _tensors(on_cpu)} == {"cpu"}
+    assert {t.device.type for t in _tensors(no_floats)} == {"cpu"}
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_state_is_contiguous_whatever_the_parameters_strides(name: str, precision: str) -> None:
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params = {"w": torch.randn(3, 4).to(torch.bfloat16).t()}
+    state = opt.init(params)
+    assert not params["w"].is_contiguous()
+    assert all(t.is_contiguous() for t in _tensors(state))
+
+
+def test_a_donated_step_updates_the_moments_of_a_transposed_parameter_in_place() -> None:
+    params = {"w": torch.randn(3, 4).t()}
+    opt = pp.optim.adamw(0.1)
+    state = opt.init(params)
+    moments = state.exp_avg["w"], state.exp_avg_sq["w"]
+    _, new = opt.step(params, {"w": torch.ones(4, 3)}, state, donate=True)
+    assert new.exp_avg["w"] is moments[0] and new.exp_avg_sq["w"] is moments[1]
+
+
+def _strided(x: Any) -> Any:
+    """``x`` with the same values, as a non-contiguous (transposed) view of a 2-D tensor."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        return x.t().contiguous().t()
+    return x
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_non_contiguous_tensors_step_as_their_contiguous_copies(
+    name: str, precision: str, donate: bool, path: str
+) -> None:
+    """Transposed parameters, gradients and state: torch's fused kernels pair elements by
+    their place in memory, so whatever the strides, the step must be the contiguous one."""
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params, grads = _problem(torch.bfloat16)
+    params["v"], grads["v"] = params["w"].float(), grads["w"].float()
+    want, want_state = params, opt.init(params, seed=1)
+    got, got_state = {k: _strided(v) for k, v in params.items()}, want_state
+    strided_grads = {k: _strided(v) for k, v in grads.items()}
+    got_state = pp._tree.tree_map(_strided, got_state)
+    for t in range(3):
+        finite = torch.tensor(t != 1)
+        want, want_state = opt.step(want, grads, want_state, grads_finite=finite)
+        got, got_state = opt.step(got, strided_grads, got_state, grads_finite=finite, donate=donate)
+    assert _trees_equal(got, want) and _trees_equal(got_state, want_state)
+
+
+def test_settings_are_declared_with_their_torch_names() -> None:
+    """What ``setting()`` declares: lr alone positional, the precision options polprec's own,
+    the rest the names torch.optim's state dicts are checked against."""
+    assert pp.optim.SGD.torch_settings() == (
+        "lr",
+        "maximize",
+        "momentum",
+        "dampening",
+        "nesterov",
+        "weight_decay",
+    )
+    assert pp.optim.Adam.torch_settings() == (
+        "lr",
+        "maximize",
+        "betas",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "decoupled_weight_decay",
+    )
+    assert pp.optim.sgd(0.2).lr == 0.2 and pp.optim.adam(lr=0.2).lr == 0.2
+    with pytest.raises(TypeError, match="positional"):
+        pp.optim.sgd(0.1, 0.9)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_plain_path_follows_the_fused_path(name: str, precision: str) -> None:
+    """Both ways compute each update in its leaf's work dtype and write it back the same way,
+    so over steps given each kind of flag they differ only by the order of float operations:
+    16-bit parameters by one spacing at most, everything kept in float32 or wider closely."""
+    opt = OPTIMIZERS[name](**PRECISIONS[precision])
+    params, grads = _problem(torch.bfloat16)
+    params["d"], grads["d"] = params["w"].double(), grads["w"].double()  # a group of its own
+
+    def run(fuse: bool) -> tuple[Any, Any]:
+        with pytest.MonkeyPatch.context() as mp:
+            if not fuse:
+                mp.setattr(_fused, "may_fuse", lambda tensors: False)
+            p, s = params, opt.init(params, seed=1)
+            for flag in (torch.tensor(True), True, None, torch.tensor(False), None):
+                p, s = opt.step(p, grads, s, grads_finite=flag)
+            return p, s
+
+    (fused, fused_state), (plain, plain_state) = run(True), run(False)
+    assert (int(fused_state.step), int(fused_state.skips)) == (4, 1)
+    assert (int(plain_state.step), int(plain_state.skips)) == (4, 1)
+    for key in ("w", "b"):
+        spacing = 2.0**-7 * fused[key].float().abs().clamp(min=1.0)
+        assert torch.all((fused[key].float() - plain[key].float()).abs() <= spacing), key
+        if plain_state.compensation is not None:  # the float32 sums the pairs hold
+            a = fused[key].float() + fused_state.compensation[key].float()
+            b = plain[key].float() + plain_state.compensation[key].float()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused["d"], plain["d"], rtol=1e-12, atol=1e-12)
+    for field in (*opt.slot_fields, "master"):  # moments and master copies
+        pairs = zip(
+            _tensors(getattr(fused_state, field)),
+            _tensors(getattr(plain_state, field)),
+            strict=True,
+        )
+        for x, y in pairs:
+            wide = x.dtype in (torch.float32, torch.float64)
+            torch.testing.assert_close(x, y, rtol=1e-5 if wide else 2.0**-7, atol=1e-6)

@@ -284,6 +284,44 @@ def test_cosine_floor_and_after_the_end() -> None:
     assert all(a >= b for a, b in itertools.pairwise(values[2:]))
 
 
+def test_an_int_step_and_a_tensor_step_give_the_same_bits() -> None:
+    """Both are computed in float64 and rounded once to float32."""
+    for schedule in (pp.optim.warmup_cosine(7, 1000), pp.optim.warmup_linear(7, 1000)):
+        for s in range(0, 1000, 3):
+            assert torch.equal(schedule(s), schedule(torch.tensor(s))), (schedule, s)
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "values"),
+    [
+        ("linear", (2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),  # a one-step decay
+        ("cosine", (2, 3), [0.0, 0.5, 1.0, 0.0, 0.0]),
+        ("linear", (2, 2), [0.0, 0.5, 0.0, 0.0, 0.0]),  # no decay steps at all
+        ("cosine", (0, 0), [1.0, 0.0, 0.0, 0.0, 0.0]),  # neither
+        ("cosine", (1, 3, 1.0), [0.0, 1.0, 1.0, 1.0, 1.0]),  # a floor of 1
+    ],
+)
+def test_short_schedules(kind: str, args: tuple[Any, ...], values: list[float]) -> None:
+    if kind == "linear":
+        schedule: Any = pp.optim.warmup_linear(*args)
+    else:
+        schedule = pp.optim.warmup_cosine(*args[:2], min_factor=args[2] if len(args) > 2 else 0.0)
+    assert [float(schedule(s)) for s in range(5)] == values
+
+
+def test_a_fractional_step_warms_up_linearly() -> None:
+    for schedule in (pp.optim.warmup_cosine(1, 3), pp.optim.warmup_linear(1, 3)):
+        assert float(schedule(torch.tensor(0.5))) == 0.5
+
+
+def test_a_schedule_is_a_value_with_its_settings() -> None:
+    schedule = pp.optim.warmup_cosine(1, 5, min_factor=0)
+    assert repr(schedule) == "WarmupCosine(warmup_steps=1, total_steps=5, min_factor=0.0)"
+    assert schedule == pp.optim.warmup_cosine(1, 5) and hash(schedule) == hash(
+        pp.optim.warmup_cosine(1, 5)
+    )
+
+
 @pytest.mark.slow
 def test_a_compiled_step_takes_float_and_tensor_rates_without_recompiling() -> None:
     params = _gpt_like()
@@ -311,3 +349,102 @@ def test_a_compiled_step_takes_float_and_tensor_rates_without_recompiling() -> N
     for k in params:
         torch.testing.assert_close(comp_p[k], eager_p[k], rtol=1e-5, atol=1e-6)
     assert int(comp_s.step) == 4 and int(sched_s.step) == 4
+
+
+def test_labels_see_the_dotted_path_of_each_floating_leaf_only() -> None:
+    seen: list[str] = []
+
+    def label(path: str, leaf: torch.Tensor) -> str:
+        seen.append(path)
+        return "a" if path.startswith("blocks") else "b"
+
+    opt = pp.optim.partition({"a": pp.optim.sgd(0.1), "b": pp.optim.sgd(1.0)}, label)
+    params = {
+        "count": torch.tensor(2),
+        "blocks": [{"w": torch.ones(2)}, {"w": torch.ones(2)}],
+        "head": {"b": torch.ones(1)},
+    }
+    state = opt.init(params)
+    assert seen == ["blocks.0.w", "blocks.1.w", "head.b"]
+    ones = {"count": None, "blocks": [{"w": torch.ones(2)}] * 2, "head": {"b": torch.ones(1)}}
+    new, state = opt.step(params, ones, state)
+    assert new["count"] is params["count"]
+    assert all(torch.equal(b["w"], torch.full((2,), 1 - 0.1)) for b in new["blocks"])
+    assert new["head"]["b"].tolist() == [0.0]
+    assert state.states["a"].master is None and int(state.step) == 1
+
+
+def test_the_default_seed_is_a_single_optimizers() -> None:
+    params = {"w": torch.full((256,), 1.0, dtype=torch.bfloat16)}
+    grads = {"w": torch.full((256,), 1e-3, dtype=torch.bfloat16)}
+    single = pp.optim.sgd(0.1, rounding="stochastic")
+    grouped = pp.optim.partition({"all": single}, lambda path, leaf: "all")
+    a, _ = single.step(params, grads, single.init(params))
+    b, _ = grouped.step(params, grads, grouped.init(params))
+    c, _ = single.step(params, grads, single.init(params, seed=0))
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["w"], c["w"])
+
+
+def test_a_flag_and_donation_reach_every_label() -> None:
+    params = _gpt_like()
+    opt = _nanogpt_opt()
+    state = opt.init(params)
+    new, after = opt.step(params, _grads(params, 0), state, grads_finite=torch.tensor(False))
+    assert all(torch.equal(new[k], params[k]) for k in params) and int(after.skips) == 1
+    inputs = {k: v.clone() for k, v in params.items()}
+    moments = {k: v for s in state.states.values() for k, v in s.exp_avg.items() if v is not None}
+    new, after = opt.step(inputs, _grads(params, 0), state, donate=True)
+    assert all(new[k] is inputs[k] for k in params)  # updated in place, as donated
+    assert all(
+        after.states[label].exp_avg[k] is moments[k]
+        for label in after.states
+        for k in moments
+        if after.states[label].exp_avg[k] is not None
+    )
+
+
+def test_a_torch_run_with_groups_at_other_steps_needs_a_step_count() -> None:
+    params = _gpt_like()
+    tparams, torch_opt = _torch_nanogpt(params)
+    for k, p in tparams.items():
+        p.grad = _grads(params, 0)[k]
+    torch_opt.step()
+    state_dict = torch_opt.state_dict()
+    for pid in state_dict["param_groups"][1]["params"]:
+        state_dict["state"][pid]["step"] = torch.tensor(4.0)
+    opt = _nanogpt_opt()
+    with pytest.raises(ValueError, match=r"param groups have taken different numbers of steps"):
+        opt.from_torch_state_dict(state_dict, params)
+    state = opt.from_torch_state_dict(state_dict, params, step=4)
+    assert int(state.step) == 4 and all(int(s.step) == 4 for s in state.states.values())
+
+
+def test_a_partitions_repr_names_its_optimizers_and_labels() -> None:
+    assert repr(_nanogpt_opt()).startswith("partition({'decay': Adam(lr=0.0006")
+    assert repr(_nanogpt_opt()).endswith("}, labels='_decay')")  # a function by its name
+    tree = {"w": "a"}
+    opt = pp.optim.partition({"a": pp.optim.sgd(0.1)}, tree)
+    assert repr(opt) == "partition({'a': " + repr(pp.optim.sgd(0.1)) + "}, labels={'w': 'a'})"
+
+
+def test_a_torch_run_continues_on_nested_params_labelled_by_path() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nested = {"blocks": [dict(model[0].named_parameters()), dict(model[1].named_parameters())]}
+    torch_opt = torch.optim.SGD(
+        [
+            {"params": list(model[0].parameters()), "lr": 0.1},
+            {"params": list(model[1].parameters()), "lr": 0.2},
+        ],
+        momentum=0.9,
+    )
+    model(torch.randn(5, 4)).square().mean().backward()
+    torch_opt.step()
+    opt = pp.optim.partition(
+        {"first": pp.optim.sgd(0.1, momentum=0.9), "second": pp.optim.sgd(0.2, momentum=0.9)},
+        lambda path, leaf: "first" if path.startswith("blocks.0.") else "second",
+    )
+    params = pp._tree.tree_map(lambda t: t.detach(), nested)
+    state = opt.from_torch_state_dict(torch_opt.state_dict(), params)
+    buffers = state.states["second"].momentum_buffer["blocks"][1]
+    assert torch.equal(buffers["weight"], torch_opt.state[model[1].weight]["momentum_buffer"])
+    assert state.states["second"].momentum_buffer["blocks"][0]["weight"] is None

@@ -9,6 +9,7 @@ leaves fall into several groups gives the plain path's numbers, and that nothing
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -252,3 +253,59 @@ def test_a_donated_step_updates_16_bit_parameters_in_place(options: dict[str, An
         assert torch.equal(new[k].detach(), pure[k])
     for a, b in zip(pp._tree.tree_leaves(new_state), pp._tree.tree_leaves(pure_state), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_kept_plan_serves_only_trees_of_its_keys_and_dtypes() -> None:
+    """Trees with the same leaf shapes but other keys or other parameter dtypes get plans of
+    their own: stochastic rounding keys on the path, master copies on the dtype."""
+    opt = pp.optim.adamw(0.01, rounding="stochastic")
+    fresh = pp.optim.adamw(0.01, rounding="stochastic")
+    a = {"w": torch.full((64,), 1.0, dtype=torch.bfloat16)}
+    b = {"v": torch.full((64,), 1.0, dtype=torch.bfloat16)}
+    g = torch.full((64,), 0.3, dtype=torch.bfloat16)
+    opt.step(a, {"w": g}, opt.init(a, seed=1))
+    got, _ = opt.step(b, {"v": g}, opt.init(b, seed=1))
+    want, _ = fresh.step(b, {"v": g}, fresh.init(b, seed=1))
+    assert torch.equal(got["v"], want["v"])
+    opt, fresh = pp.optim.adamw(0.01), pp.optim.adamw(0.01)
+    full = {"w": torch.ones(8)}
+    half = {"w": torch.ones(8, dtype=torch.bfloat16)}
+    grads = {"w": torch.full((8,), 1e-3)}  # float32 gradients for both
+    opt.step(full, grads, opt.init(full))
+    got, got_state = opt.step(half, grads, opt.init(half))
+    want, want_state = fresh.step(half, grads, fresh.init(half))
+    assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], want["w"])
+    assert torch.equal(got_state.master["w"], want_state.master["w"])
+
+
+def test_leaves_without_gradients_before_others_leave_them_alone() -> None:
+    opt = pp.optim.sgd(0.5)
+    params = {"name": "mlp", "count": torch.tensor(3), "frozen": torch.ones(2), "w": torch.ones(2)}
+    grads = {"name": "mlp", "count": None, "frozen": None, "w": torch.ones(2)}
+    new, _ = opt.step(params, grads, opt.init(params))
+    assert new["count"] is params["count"] and new["frozen"] is params["frozen"]
+    assert new["name"] == "mlp"  # a leaf that is no tensor, in both trees
+    assert new["w"].tolist() == [0.5, 0.5]
+
+
+def test_structure_errors_name_both_sides() -> None:
+    opt = pp.optim.sgd(0.1, momentum=0.9)
+    params = {"layer": {"w": torch.ones(2)}, "b": torch.ones(1)}
+    state = opt.init(params)
+    missing = re.escape(
+        "grads must have the structure of params (None where a leaf has no gradient); "
+        "missing in grads: ['b'], not in params: none; params: PyTreeSpec({"
+    )
+    with pytest.raises(ValueError, match=missing):
+        opt.step(params, {"layer": {"w": torch.ones(2)}}, state)
+    extra = {"layer": {"w": torch.ones(2)}, "b": torch.ones(1), "c": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"missing in grads: none, not in params: \['c'\]"):
+        opt.step(params, extra, state)
+    other = state.replace(momentum_buffer={"layer": {"w": torch.zeros(2)}})
+    hint = re.escape(
+        "state.momentum_buffer must have the structure of params (was the state made by "
+        "init(params) for these params?); missing in state.momentum_buffer: ['b'], not in "
+        "params: none; params: PyTreeSpec({"
+    )
+    with pytest.raises(ValueError, match=hint):
+        opt.step(params, {"layer": {"w": torch.ones(2)}, "b": torch.ones(1)}, other)

@@ -66,9 +66,13 @@ def test_master_weights_keep_small_updates(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
-def test_stochastic_rounding_keeps_small_updates_on_average(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("moments", ["f32", "16-bit"])
+def test_stochastic_rounding_keeps_small_updates_on_average(
+    dtype: torch.dtype, moments: str
+) -> None:
     lr = CASES[dtype]
-    opt = pp.optim.sgd(lr, rounding="stochastic")
+    state_dtype = dtype if moments == "16-bit" else None  # the update runs in float32 anyway
+    opt = pp.optim.sgd(lr, rounding="stochastic", state_dtype=state_dtype)
     params, state = _train(opt, dtype, steps=STEPS)
     assert state.master is None and state.seed is not None
     mean = params["w"].double().mean().item()
@@ -97,15 +101,16 @@ def test_kahan_keeps_small_updates(dtype: torch.dtype, state_dtype: Any) -> None
 
 
 def test_the_options_act_on_16_bit_parameters_only() -> None:
-    params = {"h": torch.ones(2, dtype=BF16), "f": torch.ones(2)}
+    params = {"h": torch.ones(2, dtype=BF16), "f": torch.ones(2), "d": torch.ones(2).double()}
     for kwargs in ({"master_weights": True}, {"kahan": True}, {"rounding": "stochastic"}):
         state = pp.optim.adamw(**kwargs).init(params)
         kept = state.master if "master_weights" in kwargs else state.compensation
         if kept is not None:
-            assert kept["f"] is None and kept["h"] is not None
+            assert kept["f"] is None and kept["d"] is None and kept["h"] is not None
         assert (
             state.exp_avg["h"].dtype == torch.float32 and state.exp_avg["f"].dtype == torch.float32
         )
+        assert state.exp_avg["d"].dtype == torch.float64  # a parameter's own dtype
     assert pp.optim.adamw().init({"f": torch.ones(2)}).master is None
     # None: master copies unless Kahan or stochastic rounding replace them
     assert pp.optim.adamw(kahan=True).init(params).master is None
@@ -129,7 +134,78 @@ def test_state_dtype_sets_the_moments_dtype() -> None:
     torch.testing.assert_close(b["w"], a["w"], rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_16_bit_parameters_with_float32_moments_update_in_float32(
+    name: str, dtype: torch.dtype
+) -> None:
+    """Without master copies the update is computed in float32 and rounded once: a float32
+    step on the same values, rounded to the parameter's dtype."""
+    make = {"adam": pp.optim.adam, "sgd": lambda lr, **k: pp.optim.sgd(lr, momentum=0.9, **k)}
+    opt = make[name](1e-2, master_weights=False)
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(256, generator=gen).to(dtype)}
+    grads = {"w": torch.randn(256, generator=gen).to(dtype)}
+    wide = {"w": params["w"].float()}
+    got, got_state = opt.step(params, grads, opt.init(params))
+    want, want_state = opt.step(wide, {"w": grads["w"].float()}, opt.init(wide))
+    assert got["w"].dtype == dtype and torch.equal(got["w"], want["w"].to(dtype))
+    moment = "exp_avg" if name == "adam" else "momentum_buffer"
+    assert torch.equal(getattr(got_state, moment)["w"], getattr(want_state, moment)["w"])
+
+
 # --- stochastic rounding ---------------------------------------------------------------------
+
+
+def test_the_random_bits_of_a_state_never_change() -> None:
+    """A checkpoint resumes with the same rounding in every polprec version: the hash is
+    lowbias32 (against a reference in Python integers) and one leaf's bits are fixed values."""
+
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x735A2D97) & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    values = [0, 1, 2, 12345, 0xDEADBEEF, 0x80000000, 0xFFFFFFFF]
+    assert _rounding._mix(torch.tensor(values)).tolist() == [lowbias32(v) for v in values]
+
+    def fnv1a(path: str) -> int:  # 32-bit FNV-1a over the code points
+        h = 0x811C9DC5
+        for char in path:
+            h = ((h ^ ord(char)) * 0x01000193) & 0xFFFFFFFF
+        return h
+
+    for path in ["blocks.0.w", "", "wte.weight", "é.ü"]:
+        assert _rounding.path_key(path) == fnv1a(path), path
+    assert _rounding.path_key("blocks.0.w") == 497573778
+    key = _rounding.leaf_key(
+        torch.tensor(3), torch.tensor(5, dtype=torch.int32), _rounding.path_key("blocks.0.w")
+    )
+    assert int(key) == 3186691405
+    bits = _rounding.random_bits(torch.arange(4), key)
+    assert bits.tolist() == [3490052714, 1165919775, 3075398042, 1066235247]
+
+
+def test_float16_subnormals_round_up_with_exactly_their_fraction() -> None:
+    """Below float16's smallest normal the grid is 2**-24 apart: halfway between two of its
+    points, half of an even spread of random bits rounds up, not one more."""
+    bits = torch.arange(256, dtype=torch.int64) << 24  # uniform values 0, 1/256, ..., 255/256
+    x = torch.full((256,), 2.0**-24 * 2.5)  # 2.5 grid points: halfway between 2 and 3
+    out = _rounding.stochastic_round(x, F16, bits).float() / 2.0**-24
+    assert sorted(set(out.tolist())) == [2.0, 3.0] and int((out == 3.0).sum()) == 128
+
+
+def test_kahan_compensation_takes_stochastic_rounding_too() -> None:
+    opt = pp.optim.sgd(1e-3, kahan=True, rounding="stochastic")
+    params = {"w": torch.full((512,), 1.0, dtype=BF16)}
+    grads = {"w": torch.full((512,), 1.0, dtype=BF16)}
+    runs = [opt.step(params, grads, opt.init(params, seed=seed)) for seed in (1, 2)]
+    assert not torch.equal(runs[0][0]["w"], runs[1][0]["w"])
+    for new, state in runs:  # whatever the rounding, value + compensation is the float32 sum
+        total = new["w"].float() + state.compensation["w"].float()
+        torch.testing.assert_close(total, torch.full((512,), 1.0 - 1e-3), rtol=0, atol=1e-5)
 
 
 def _round(x: torch.Tensor, dtype: torch.dtype, seed: int = 0, step: int = 1) -> torch.Tensor:

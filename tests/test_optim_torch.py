@@ -3,6 +3,7 @@ continues the same trajectory."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -127,3 +128,104 @@ def test_one_step_count() -> None:
 def test_not_a_state_dict() -> None:
     with pytest.raises(TypeError, match="'state' and 'param_groups'"):
         pp.optim.sgd(0.1).from_torch_state_dict({"lr": 0.1}, {})
+
+
+def test_a_state_dict_with_str_keys_and_missing_entries_continues() -> None:
+    """A state dict that went through JSON has str parameter ids; a parameter without a
+    gradient has no entry, a moment torch lacks starts from zero."""
+    model = _model()
+    model[0].weight.requires_grad_(False)  # the first parameter: no state in torch
+    torch_opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    _loss(model(torch.randn(3, 4))).backward()
+    torch_opt.step()
+    model[0].weight.requires_grad_(True)
+    state_dict = torch_opt.state_dict()
+    state_dict["state"] = {str(k): v for k, v in state_dict["state"].items()}
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    state = pp.optim.sgd(0.05, momentum=0.9).from_torch_state_dict(state_dict, params)
+    assert int(state.step) == 1 and state.step.dtype == torch.int32  # buffers: a step was taken
+    assert torch.equal(state.momentum_buffer["0.weight"], torch.zeros(8, 4))
+    assert torch.equal(
+        state.momentum_buffer["2.bias"], torch_opt.state[model[2].bias]["momentum_buffer"]
+    )
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    _loss(model(torch.randn(3, 4))).backward()
+    adam.step()
+    adam_dict = adam.state_dict()
+    for entry in adam_dict["state"].values():
+        del entry["exp_avg"]
+    state = pp.optim.adam(0.01).from_torch_state_dict(adam_dict, params)
+    assert torch.equal(state.exp_avg["2.bias"], torch.zeros(2))
+    assert torch.equal(state.exp_avg_sq["2.bias"], adam.state[model[2].bias]["exp_avg_sq"])
+
+
+def test_an_older_state_dict_without_decoupled_weight_decay_is_adams() -> None:
+    state_dict, params = _trained(lambda ps: torch.optim.Adam(ps, lr=0.01))
+    for group in state_dict["param_groups"]:
+        del group["decoupled_weight_decay"]
+    assert int(pp.optim.adam(0.01).from_torch_state_dict(state_dict, params).step) == 1
+    with pytest.raises(ValueError, match="has decoupled_weight_decay=False but this optimizer"):
+        pp.optim.adamw(0.01, weight_decay=0).from_torch_state_dict(state_dict, params)
+    for group in state_dict["param_groups"]:  # other settings are not assumed
+        del group["maximize"]
+    with pytest.raises(ValueError, match="has maximize=None but this optimizer has maximize=False"):
+        pp.optim.adam(0.01).from_torch_state_dict(state_dict, params)
+
+
+def test_bad_torch_state_dicts_are_refused_clearly() -> None:
+    state_dict, params = _trained(lambda ps: torch.optim.AdamW(ps, lr=0.01))
+    opt = pp.optim.adamw(0.01)
+    for groups in ([], "groups"):
+        with pytest.raises(
+            ValueError,
+            match="^"
+            + re.escape("state_dict['param_groups'] must be a non-empty list of groups")
+            + "$",
+        ):
+            opt.from_torch_state_dict({**state_dict, "param_groups": groups}, params)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "param group 0 of the torch optimizer must be a dict with a 'params' list, got "
+            "{'lr': 0.01}"
+        ),
+    ):
+        opt.from_torch_state_dict({**state_dict, "param_groups": [{"lr": 0.01}]}, params)
+    two = {**state_dict["param_groups"][0], "params": []}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "param group 1 of the torch optimizer has lr=0.1 but this optimizer has lr=0.01; "
+            "make the polprec optimizer with lr=0.1 (a polprec optimizer has one group of "
+            "settings; a schedule passes lr_scale= to step, and pp.optim.partition gives each "
+            "torch param group its own optimizer)"
+        ),
+    ):
+        opt.from_torch_state_dict(
+            {**state_dict, "param_groups": [state_dict["param_groups"][0], {**two, "lr": 0.1}]},
+            params,
+        )
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "state_dict must be a torch.optim optimizer's state_dict(): a mapping with keys "
+            "'state' and 'param_groups', got list"
+        ),
+    ):
+        opt.from_torch_state_dict([], params)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "floating leaves; build both from the same model (torch numbers parameters in the "
+            "order model.parameters() gives them)"
+        ),
+    ):
+        opt.from_torch_state_dict(state_dict, {"w": torch.ones(1)})
+    swapped = dict(reversed(list(params.items())))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "has shape (2,): are params in the order the torch optimizer was given them?"
+        ),
+    ):
+        opt.from_torch_state_dict(state_dict, swapped)

@@ -108,3 +108,52 @@ def test_public_functions_do_not_modify_inputs(index: int) -> None:
     call()
     for tree, snap in zip(watched, snaps, strict=True):
         assert_unchanged(tree, snap)
+
+
+def test_polprec_makes_its_tensors_where_the_data_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under another default device and dtype (``torch.device("meta")``, float64), a step on
+    float32 CPU tensors makes every tensor of its own (factors, flags, counters) beside the
+    data, in the dtype its kernels need, and gives the numbers it gives under the defaults."""
+    from polprec import _fused
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    scales = [pp.NoOpLossScale(), pp.DynamicLossScale(2.0**8), pp.StaticLossScale(4.0)]
+    opt = pp.optim.adamw(1e-2)
+    state = opt.init(params)
+    torch_state = torch.optim.AdamW(model.parameters(), lr=1e-2).state_dict()
+
+    def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return pp.apply_with_policy(model, p, x, policy="bf16-mixed").pow(2).mean()
+
+    def run() -> list[Any]:
+        out: list[Any] = []
+        for loss_scale in scales:
+            for k in (1, 2):
+                step = pp.value_and_grad(loss_fn, microbatches=k)
+                out.append(step(params, x, loss_scale=loss_scale))
+            out.append(pp.unscale_and_check(out[-1][1], loss_scale))
+        grads, finite = out[-1]
+        out.append(pp.clip_by_global_norm(grads, 0.1))
+        out.append(opt.step(params, grads, state))
+        out.append(opt.step(params, grads, state, grads_finite=finite))
+        out.append(opt.from_torch_state_dict(torch_state, params))
+        return out
+
+    want = run()
+    monkeypatch.setattr(_fused, "_ONES", {})  # cached factors of 1 are made afresh too
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            got = run()
+    finally:
+        torch.set_default_dtype(default)
+    tensors = [t for t in pp._tree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    assert {t.device.type for t in tensors} == {"cpu"}
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float32}
+    expected = [t for t in pp._tree.tree_leaves(want) if isinstance(t, torch.Tensor)]
+    assert len(tensors) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, expected, strict=True))

@@ -129,3 +129,76 @@ def test_own_tensors_name_a_shared_submodule_under_every_path() -> None:
     assert _reparam.own_tensors(model) == expected  # as named_parameters(remove_duplicate=False)
     tied = _reparam.untie(model, {"0.weight": torch.eye(2)})
     assert set(tied) == {"0.weight", "1.weight"} and tied["1.weight"] is tied["0.weight"]
+
+
+def test_the_layout_is_made_once_while_the_module_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[int] = []
+    lay_out = _reparam._lay_out
+    monkeypatch.setattr(_reparam, "_lay_out", lambda m: (made.append(1), lay_out(m))[1])
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    x = torch.ones(3, 2)
+    for _ in range(3):
+        _reparam.call(model, {"0.weight": torch.eye(2)}, (x,), {}, strict=False, tie_weights=True)
+    assert len(made) == 1
+    model[0].bias = nn.Parameter(torch.zeros(2))  # a tensor replaced: laid out again
+    _reparam.call(model, {"0.weight": torch.eye(2)}, (x,), {}, strict=False, tie_weights=True)
+    model[1] = nn.BatchNorm1d(2)  # a submodule replaced: again
+    _reparam.call(model, {"0.weight": torch.eye(2)}, (x,), {}, strict=False, tie_weights=True)
+    del model[0].bias  # a tensor removed: again
+    model[0].bias = None
+    _reparam.call(model, {"0.weight": torch.eye(2)}, (x,), {}, strict=False, tie_weights=True)
+    assert len(made) == 4
+
+
+def test_shared_submodules_and_strict_calls_are_torchs_functional_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[dict[str, Any]] = []
+    functional_call = torch.func.functional_call
+
+    def spy(module: nn.Module, params: Any, args: Any, kwargs: Any = None, **kw: Any) -> Any:
+        calls.append({"kwargs": kwargs, **kw})
+        return functional_call(module, params, args, kwargs, **kw)
+
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+            self.again = self.inner  # the same submodule under a second path
+
+        def forward(self, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+            return self.again(self.inner(x)) * scale
+
+    model, x, w = Scaled(), torch.ones(1, 2), torch.eye(2)
+    out = _reparam.call(
+        model, {"inner.weight": w}, (x,), {"scale": 2.0}, strict=False, tie_weights=True
+    )
+    assert calls == [{"kwargs": {"scale": 2.0}, "strict": False, "tie_weights": True}]
+    b = model.inner.bias.detach()
+    assert torch.allclose(out, ((x + b) + b) * 2.0)
+    tied = Tied()
+    tokens = torch.tensor([0, 3])
+    _reparam.call(
+        tied,
+        {k: v.detach() for k, v in tied.named_parameters()} | dict(tied.named_buffers()),
+        (tokens,),
+        {},
+        strict=True,
+        tie_weights=True,
+    )  # strict, with the tied head.weight left to the tie
+    assert calls[-1] == {"kwargs": {}, "strict": True, "tie_weights": True}
+
+
+def test_tied_names_with_different_values_are_refused_with_a_way_out() -> None:
+    model = Tied()
+    params = {"embed.weight": torch.zeros(5, 4), "head.weight": torch.ones(5, 4)}
+    with pytest.raises(
+        ValueError,
+        match=r"keys \['embed.weight', 'head.weight'\], which are tied \(one tensor of the "
+        r"module\); pass one of them, the same tensor under each name, or tie_weights=False$",
+    ):
+        _reparam.untie(model, params)

@@ -247,3 +247,65 @@ def test_value_and_grad_checks_its_gradients_in_one_fused_call(
     assert grads["w"].tolist() == [0.0, 1.0, 2.0] and grads["b"].tolist() == [2.0, 2.0]
     _, _, finite, _ = step(params, torch.tensor([1.0, math.nan, 2.0]), loss_scale=state)
     assert calls == [2, 2] and not bool(finite)
+
+
+def _count_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts torch's multi-tensor launches: the fused unscale, out-of-place multiplies (fresh
+    buffers) and in-place additions (sums kept in place)."""
+    counts = {"unscale": 0, "mul": 0, "add_": 0}
+    for name, attr in (
+        ("unscale", "_amp_foreach_non_finite_check_and_unscale_"),
+        ("mul", "_foreach_mul"),
+        ("add_", "_foreach_add_"),
+    ):
+        kernel = getattr(torch, attr)
+
+        def spy(*a: Any, _k: Any = kernel, _n: str = name, **kw: Any) -> Any:
+            counts[_n] += 1
+            return _k(*a, **kw)
+
+        monkeypatch.setattr(torch, attr, spy)
+    return counts
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "dtensor"])
+def test_value_and_grad_unscales_its_fresh_gradients_in_place(
+    k: int, sharded: bool, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """autograd's gradients are polprec's own: summed over micro-batches in place, then
+    unscaled and checked in one fused launch, with no copy (DTensors: their local shards)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 2)
+    params = {key: v.detach() for key, v in model.named_parameters()}
+    x = torch.randn(6, 6)
+
+    def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
+        return pp.apply_with_policy(model, p, x, policy="32-true").square().mean()
+
+    _, want, _, _ = pp.value_and_grad(loss_fn)(params, x, loss_scale=pp.NoOpLossScale())
+    if sharded:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = request.getfixturevalue("mesh")
+        params = {key: distribute_tensor(v, mesh, [Shard(0)]) for key, v in params.items()}
+    step = pp.value_and_grad(loss_fn, microbatches=k)
+    counts = _count_kernels(monkeypatch)
+    _, grads, finite, _ = step(params, x, loss_scale=pp.StaticLossScale(8.0))
+    # (a DTensor sum is made by DTensor's own addition; its local shards are fresh all the same)
+    assert counts == {"unscale": 1, "mul": 0, "add_": 0 if sharded else k - 1}
+    assert bool(finite)
+    for key, g in grads.items():
+        torch.testing.assert_close(g.full_tensor() if sharded else g, want[key])
+
+
+def test_unscale_and_check_runs_the_fused_kernel_on_dtensors_local_shards(
+    mesh: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    grads = {"w": distribute_tensor(torch.full((4, 2), 8.0), mesh, [Shard(0)])}
+    counts = _count_kernels(monkeypatch)
+    out, finite = pp.unscale_and_check(grads, pp.StaticLossScale(4.0))
+    assert counts == {"unscale": 1, "mul": 1, "add_": 0}  # fresh buffers, checked in place
+    assert bool(finite) and torch.equal(out["w"].full_tensor(), torch.full((4, 2), 2.0))

@@ -217,3 +217,43 @@ def test_parameters_named_twice_are_stepped_once() -> None:
     grads = {k: torch.ones_like(p) for k, p in twice.items()}
     pp.optim.step_torch(opt, twice, grads, grads_finite=True)
     assert float(opt.state[params["0.weight"]]["step"]) == 1.0
+
+
+def test_sgd_groups_without_momentum_get_no_buffers() -> None:
+    model = _model()
+    first, *rest = model.parameters()
+    opt = torch.optim.SGD(
+        [{"params": [first], "momentum": 0.0}, {"params": rest}], lr=0.1, momentum=0.9, fused=True
+    )
+    params = dict(model.named_parameters())
+    grads = {k: torch.ones_like(p) for k, p in params.items()}
+    pp.optim.step_torch(opt, params, grads, grads_finite=torch.tensor(False))  # a skipped first
+    assert "momentum_buffer" not in opt.state.get(first, {})
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in rest)
+
+
+def test_other_leaves_beside_the_parameters_pass() -> None:
+    model = _model()
+    opt = OPTIMIZERS["adamw"](model.parameters())
+    params = {"epoch": 3, **dict(model.named_parameters())}
+    grads = {"epoch": None, **{k: torch.ones_like(p) for k, p in model.named_parameters()}}
+    pp.optim.step_torch(opt, params, grads, grads_finite=True)
+    assert all(float(opt.state[p]["step"]) == 1.0 for p in model.parameters())
+
+
+def test_an_optimizer_that_only_says_fused_is_refused() -> None:
+    """A torch optimizer of one's own with ``fused=True`` in its groups does not read
+    GradScaler's found_inf unless it says so (``_step_supports_amp_scaling``)."""
+
+    class Custom(torch.optim.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": 0.1, "fused": True})
+
+        def step(self, closure: Any = None) -> None:
+            return None
+
+    model = _model()
+    params = dict(model.named_parameters())
+    grads = {k: torch.ones_like(p) for k, p in params.items()}
+    with pytest.raises(ValueError, match=r"Custom\(fused=True\) cannot skip a step"):
+        pp.optim.step_torch(Custom(model.parameters()), params, grads, grads_finite=True)

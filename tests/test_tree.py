@@ -377,3 +377,42 @@ def test_floating_map_and_cast_touch_only_floating_tensors_and_keep_aliases(kind
             assert cast[0] is cast[2]
         if kind == "dict":
             assert cast["a"] is cast["c"]
+
+
+def test_the_usual_step_walks_no_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Params as a dict of tensors (what ``named_parameters`` gives) are taken apart and
+    rebuilt without a tree walk: by value_and_grad, apply_with_policy under every kind of
+    policy, cast_params and an optimizer step (a plan kept, a state of the same dict)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(4, 3)
+    opt = pp.optim.adamw(1e-2)
+    state = opt.init(params)
+    loss_scale = pp.DynamicLossScale()
+    walks: list[str] = []
+    for name in ("tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "flatten_up_to"):
+        walk = getattr(_tree, name)
+        monkeypatch.setattr(
+            _tree, name, lambda *a, _w=walk, _n=name, **k: (walks.append(_n), _w(*a, **k))[1]
+        )
+    for spec in ("bf16-mixed", "bf16-true", "32-true"):
+
+        def loss_fn(p: Any, x: torch.Tensor, spec: str = spec) -> torch.Tensor:
+            return pp.apply_with_policy(model, p, x, policy=spec).square().mean()
+
+        for _ in range(2):  # the second time with the plan and the layouts kept
+            _, grads, finite, loss_scale = pp.value_and_grad(loss_fn)(
+                params, x, loss_scale=loss_scale
+            )
+            params, state = opt.step(params, grads, state, grads_finite=finite)
+            assert pp.cast_params(params, spec).keys() == params.keys()
+    assert not walks, walks
+
+
+def test_all_finite_does_not_overflow_on_large_finite_values() -> None:
+    """The eager check sums squares in float64: float32's largest values are finite."""
+    big = {"w": torch.full((1000,), 3e38), "h": torch.full((8,), 6e4, dtype=torch.float16)}
+    assert bool(pp.all_finite(big))
+    big["w"][7] = float("inf")
+    assert not bool(pp.all_finite(big))

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from polprec import _fused
-from polprec._checks import check_number
-from polprec.optim._base import Optimizer, check_nonnegative, setting
+from polprec._checks import check_nonnegative
+from polprec.optim._base import Optimizer, setting
 from polprec.optim._precision import check_bool
 from polprec.optim._states import AdamState, OptState
 from polprec.optim._update import Buffers
@@ -23,7 +23,7 @@ def _check_betas(name: str, betas: Any) -> tuple[float, float]:
         raise TypeError(f"{name} must be a pair of numbers in [0, 1), got {betas!r}")
     out = []
     for i, beta in enumerate(betas):
-        value = check_number(f"{name}[{i}]", beta, positive=False)
+        value = check_nonnegative(f"{name}[{i}]", beta)
         if value >= 1:
             raise ValueError(f"{name}[{i}] must be in [0, 1), got {beta!r}")
         out.append(value)

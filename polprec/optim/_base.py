@@ -20,21 +20,19 @@ from typing import Any, ClassVar
 import torch
 
 from polprec import _tree
-from polprec._checks import check_int, check_number
+from polprec._checks import check_int, check_nonnegative
 from polprec.optim import _engine, _plan, _precision
 from polprec.optim._precision import Mode, check_bool
 from polprec.optim._states import OptState
 from polprec.optim._torch import from_torch
 from polprec.optim._update import Buffers
 
-__all__ = ["Optimizer", "check_nonnegative", "setting"]
+__all__ = ["Optimizer", "setting"]
 
 
-def check_nonnegative(name: str, value: Any) -> float:
-    """A number setting >= 0, as a float."""
-    return check_number(name, value, positive=False)
-
-
+# pragma: no mutate start
+# (setting() runs only while the optimizer classes are defined, on import: no mutant of it
+# can be switched in afterwards; tests/test_optim.py checks the fields it declares)
 def setting(
     default: Any,
     *,
@@ -55,6 +53,9 @@ def setting(
     return dataclasses.field(
         default=default, kw_only=kw_only, metadata={"check": check, "torch": torch_name}
     )
+
+
+# pragma: no mutate end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,7 @@ class Optimizer:
     state_dtype: torch.dtype | None = setting(None, torch_name=False)
     rounding: str = setting("nearest", torch_name=False)
     kahan: bool = setting(False, torch_name=False)
-    # per-object caches, no settings: equality, hashing and repr ignore them
-    _modes: dict[torch.dtype, Mode] = dataclasses.field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    # a per-object cache, no setting: equality, hashing and repr ignore it
     _plans: dict[Any, _plan.Plan] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -147,16 +145,11 @@ class Optimizer:
     # --- what the machinery asks
 
     def mode(self, dtype: torch.dtype) -> Mode:
-        """How a parameter of ``dtype`` is updated under these precision options."""
-        modes = self._modes
-        mode = modes.get(dtype)
-        if mode is None:
-            mode = _precision.leaf_mode(
-                dtype, self.master_weights, self.state_dtype, self.rounding, self.kahan
-            )
-            if not torch.compiler.is_compiling():  # (a cache is a side effect to a tracer)
-                modes[dtype] = mode
-        return mode
+        """How a parameter of ``dtype`` is updated under these precision options (asked once
+        per leaf by ``init`` and by each plan, which the optimizer keeps)."""
+        return _precision.leaf_mode(
+            dtype, self.master_weights, self.state_dtype, self.rounding, self.kahan
+        )
 
     @classmethod
     def torch_settings(cls) -> tuple[str, ...]:

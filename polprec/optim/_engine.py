@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from polprec import _dtensor, _fused, _tree
-from polprec._checks import check_grads_finite, check_number
+from polprec._checks import check_grads_finite, check_nonnegative
 from polprec.optim._plan import Flat, Group, Labels, Plan, plan_for
 from polprec.optim._precision import Mode
 from polprec.optim._update import Column, Result, fused, plain
@@ -136,7 +136,7 @@ def check_lr(name: str, lr: Any) -> float | torch.Tensor:
         return lr
     if torch.compiler.is_compiling() and isinstance(lr, int | float) and not isinstance(lr, bool):
         return lr  # its value may be symbolic, unknown while tracing: checked in eager mode
-    return check_number(name, lr, positive=False)
+    return check_nonnegative(name, lr)
 
 
 def learning_rate(lr: float | torch.Tensor, lr_scale: Any) -> float | torch.Tensor:
@@ -180,12 +180,15 @@ def init_state(
         step=count,
         skips=count.clone(),
         consecutive_skips=count.clone(),
-        master=tree(lambda p, m: p.detach().to(torch.float32, copy=True), lambda m: m.master),
+        master=tree(
+            lambda p, m: p.detach().to(torch.float32, memory_format=torch.contiguous_format),
+            lambda m: m.master,
+        ),
         compensation=tree(
             lambda p, m: torch.zeros_like(p, memory_format=torch.contiguous_format),
             lambda m: m.kahan,
         ),
-        seed=torch.tensor(seed, dtype=torch.int64, device=count.device) if stochastic else None,
+        seed=torch.tensor(seed, device=count.device) if stochastic else None,  # int64
         **children,
     )
 
@@ -313,15 +316,14 @@ def _rewrap(res: Result, col: Column, held: Held, group: Group) -> Result:
     idx = group.idx
 
     def wrap(new: torch.Tensor | None, local: Any, whole: Any) -> Any:
-        if new is None or new is local:
-            return None if new is None else whole
+        if new is None or new is local:  # nothing new, or a shard updated in place
+            return whole
         return _dtensor.wrap_like(new, whole)
 
     def column(new: list[Any], local: list[Any] | None, kept: list[Any] | None) -> list[Any]:
-        if kept is None:
+        if kept is None:  # (and so is the group's ``local``)
             return new
-        local = local or [None] * len(new)
-        return [wrap(t, lo, kept[i]) for t, lo, i in zip(new, local, idx, strict=True)]
+        return [wrap(t, lo, kept[i]) for t, lo, i in zip(new, local or (), idx, strict=True)]
 
     return Result(
         params=[wrap(t, lo, x) for t, lo, x in zip(res.params, col.params, col.whole, strict=True)],

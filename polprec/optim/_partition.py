@@ -44,8 +44,7 @@ class Partition:
                     f"optimizers[{label!r}] must be a polprec optimizer (pp.optim.sgd, adam, "
                     f"adamw, ...), got {opt!r} of type {type(opt).__name__}"
                 )
-        if isinstance(labels, torch.nn.Module) or not callable(labels):
-            _tree.check_tree(labels, "labels")
+        _tree.check_tree(labels, "labels")  # (a function passes; a module is refused)
         self.optimizers: dict[str, Optimizer] = dict(optimizers)
         self.labels = labels
         self._names = tuple(self.optimizers)
@@ -54,7 +53,7 @@ class Partition:
         self._plans: dict[Any, Plan] = {}
 
     def __repr__(self) -> str:
-        labels = getattr(self.labels, "__name__", None) if callable(self.labels) else None
+        labels = getattr(self.labels, "__name__", None)  # a function by its name
         return f"partition({self.optimizers!r}, labels={labels or self.labels!r})"
 
     # --- labels

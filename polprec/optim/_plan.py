@@ -67,8 +67,9 @@ class Flat:
         return cls(params, _tree.tree_unflatten(spec, [None] * len(leaves)))
 
     def token(self) -> Any:
-        """The structure, as a hashable value."""
-        return ("dict", self.keys) if self.keys is not None else self.spec
+        """The structure, as a hashable value: a dict's keys (a tuple, never equal to a
+        TreeSpec) or the tree's spec."""
+        return self.keys if self.keys is not None else self.spec
 
     def dotted(self) -> list[str]:
         """Each leaf's dotted key path (``"blocks.0.weight"``), for labels and path keys."""

@@ -108,4 +108,4 @@ def kahan_split(
     carries the part of it the 16-bit parameter cannot hold into the next step.
     """
     value = round_to(x, dtype, bits)
-    return value, (x - value.to(x.dtype)).to(dtype)
+    return value, (x - value).to(dtype)  # (the difference in x's wider dtype)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from polprec._checks import check_int, check_number
+from polprec._checks import check_int, check_nonnegative
 
 __all__ = ["WarmupCosine", "WarmupLinear", "warmup_cosine", "warmup_linear"]
 
@@ -51,7 +51,7 @@ class WarmupCosine:
 
     def __post_init__(self) -> None:
         _check_steps(self.warmup_steps, self.total_steps)
-        low = check_number("min_factor", self.min_factor, positive=False)
+        low = check_nonnegative("min_factor", self.min_factor)
         if low > 1:
             raise ValueError(f"min_factor must be in [0, 1], got {self.min_factor!r}")
         object.__setattr__(self, "min_factor", low)
@@ -60,7 +60,7 @@ class WarmupCosine:
         t = _steps(step)
         warm = t / max(1, self.warmup_steps)
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = ((t - self.warmup_steps) / span).clamp(0.0, 1.0)
+        progress = ((t - self.warmup_steps) / span).clamp(max=1.0)  # (read from warm-up on)
         cosine = 0.5 * (1.0 + torch.cos(math.pi * progress))
         decayed = self.min_factor + (1.0 - self.min_factor) * cosine
         return torch.where(t < self.warmup_steps, warm, decayed).to(torch.float32)

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from polprec import _fused
-from polprec.optim._base import Optimizer, check_nonnegative, setting
+from polprec._checks import check_nonnegative
+from polprec.optim._base import Optimizer, setting
 from polprec.optim._precision import check_bool
 from polprec.optim._states import OptState, SGDState
 from polprec.optim._update import Buffers
@@ -84,8 +85,9 @@ class SGD(Optimizer):
         )
 
     def scalars(self, step: torch.Tensor, lr: float | torch.Tensor) -> Any:
-        # torch's first step sets the buffer to the gradient; later ones dampen it
-        first = step == 1 if self.momentum != 0 and self.dampening != 0 else None
+        # torch's first step sets the buffer to the gradient; later ones dampen it (without
+        # dampening, a zero buffer plus the gradient is the gradient: nothing to tell apart)
+        first = step == 1 if self.dampening != 0 else None
         return lr, first
 
     def rule(

@@ -71,23 +71,26 @@ def _bits(col: Column, j: int) -> torch.Tensor | None:
 
 
 def _work_param(col: Column, j: int, *, copy: bool) -> torch.Tensor:
-    """The value the update starts from, in the work dtype (a fresh buffer with ``copy``)."""
+    """The value the update starts from, in the work dtype and contiguous (a fresh buffer with
+    ``copy``, else the tensor itself where it is both already)."""
     mode, p = col.modes[j], col.params[j]
     if mode.master:
         w: torch.Tensor = col.master[j]  # type: ignore[index]
-        return w.clone(memory_format=torch.contiguous_format) if copy else w
+        return _buffer(w, mode.work, copy=copy)
     if mode.kahan:
         comp: torch.Tensor = col.compensation[j]  # type: ignore[index]
-        return p.to(mode.work).add_(comp) if copy else p.to(mode.work) + comp
-    if p.dtype != mode.work:
-        return p.to(mode.work, memory_format=torch.contiguous_format)
-    return p.clone(memory_format=torch.contiguous_format) if copy else p
+        w = _buffer(p, mode.work, copy=False)  # a fresh buffer: p is 16-bit, the work wider
+        return w.add_(comp) if copy else w + comp
+    return _buffer(p, mode.work, copy=copy)
 
 
-def _work_slot(s: torch.Tensor, mode: Mode, *, copy: bool) -> torch.Tensor:
-    if s.dtype != mode.work:
-        return s.to(mode.work, memory_format=torch.contiguous_format)
-    return s.clone(memory_format=torch.contiguous_format) if copy else s
+def _buffer(t: torch.Tensor, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous: torch's fused kernels pair the elements of their
+    tensors by their place in memory. A fresh copy with ``copy``; otherwise ``t`` itself where
+    it is already both (``Tensor.to`` keeps a tensor of that dtype as it is, strides too)."""
+    if t.dtype != dtype:
+        return t.to(dtype, memory_format=torch.contiguous_format)
+    return t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
 
 
 def finish(
@@ -127,17 +130,10 @@ def _on(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
 
 
-def _contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` itself when it is contiguous and of ``dtype``, else a converted copy."""
-    if t.dtype == dtype and t.is_contiguous():
-        return t
-    return t.to(dtype, memory_format=torch.contiguous_format)
-
-
 def _work_buffers(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
     """Buffers for a kernel to update in place: copies, or (donated) the tensors themselves."""
     if donate:
-        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        return [t.contiguous() for t in tensors]  # (itself where it is contiguous)
     return _fused.copies(tensors)
 
 
@@ -161,9 +157,9 @@ def fused(
     else:
         params = [_work_param(col, j, copy=not donate) for j in range(n)]
         slots = [
-            [_work_slot(s[j], col.modes[j], copy=not donate) for j in range(n)] for s in col.slots
+            [_buffer(s[j], col.modes[j].work, copy=not donate) for j in range(n)] for s in col.slots
         ]
-    grads = [_contiguous(g, work) for g in col.grads]
+    grads = [_buffer(g, work, copy=False) for g in col.grads]
     kernel(Buffers(params, grads, slots, _on(col.step, device), _lr_on(lr, device), found_inf))
     if direct:
         return Result(params, slots, [None] * n, [None] * n)
@@ -210,9 +206,8 @@ def plain(
     out = Result([], [[] for _ in col.slots], [], [])
     for j, mode in enumerate(col.modes):
         w = _work_param(col, j, copy=False)
-        slots = [_work_slot(s[j], mode, copy=False) for s in col.slots]
-        grad = col.grads[j]
-        w, slots = rule(w, grad if grad.dtype == mode.work else grad.to(mode.work), slots, scalars)
+        slots = [_buffer(s[j], mode.work, copy=False) for s in col.slots]
+        w, slots = rule(w, col.grads[j].to(mode.work), slots, scalars)  # (itself if it is)
         p, m, c = finish(col, j, w, finite, exact_skip=False)
         out.params.append(p)
         out.master.append(m)
@@ -229,10 +224,6 @@ def plain(
 
 
 def _state_dtypes(col: Column, slots: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Moments back in the state dtype, where the update ran in a wider one."""
-    if all(m.state == m.work for m in col.modes):
-        return slots
-    return [
-        [x if m.state == m.work else x.to(m.state) for x, m in zip(s, col.modes, strict=True)]
-        for s in slots
-    ]
+    """Moments back in the state dtype, where the update ran in a wider one (``Tensor.to``
+    keeps the others as they are)."""
+    return [[x.to(m.state) for x, m in zip(s, col.modes, strict=True)] for s in slots]
