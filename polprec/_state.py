@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -146,23 +146,9 @@ class State:
     @classmethod
     def from_state_dict(cls: type[_S], state_dict: Mapping[str, Any]) -> _S:
         """Rebuild a state from :meth:`state_dict`'s output (validated)."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
-                "output of state_dict()"
-            )
-        kind = state_dict.get("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
         children, static = _layout(cls)
         fields = set(children) | set(static)
-        missing = sorted(fields - set(state_dict))
-        unknown = sorted(set(state_dict) - fields - {"type"})
-        if missing or unknown:
-            raise ValueError(
-                f"state_dict for {cls.__name__} has missing keys {missing} and unknown keys "
-                f"{unknown}; expected keys {sorted(fields | {'type'})}"
-            )
+        check_state_dict(cls, state_dict, fields)
         return cls(**{k: state_dict[k] for k in fields})
 
     # Not mutated: the check below reads this method's caller's frame, and a mutation
@@ -212,3 +198,23 @@ def _refuse_dcp_load(state: State, frame: FrameType | None) -> None:
         "sd['opt_state']). (Saving the state object itself works: dcp.save stores its "
         "state_dict(), which that pattern loads.)"
     )
+
+
+def check_state_dict(cls: type, state_dict: Any, fields: Collection[str]) -> None:
+    """Refuse what ``cls.state_dict()`` did not make: no mapping, another ``"type"``, or
+    keys other than ``fields`` (``"type"`` may be left out)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
+            "output of state_dict()"
+        )
+    kind = state_dict.get("type", cls.__name__)
+    if kind != cls.__name__:
+        raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
+    missing = sorted(set(fields) - set(state_dict))
+    unknown = sorted(set(state_dict) - set(fields) - {"type"})
+    if missing or unknown:
+        raise ValueError(
+            f"state_dict for {cls.__name__} has missing keys {missing} and unknown keys "
+            f"{unknown}; expected keys {sorted({*fields, 'type'})}"
+        )

@@ -206,3 +206,37 @@ def classification_batches(
             x[bad] = float("inf")  # one bad example: every gradient is non-finite
         out.append((x, torch.randint(0, classes, (batch,), generator=g)))
     return out
+
+
+# --- pp.optim on DTensors: the same small tree in one process and on two ranks -------------
+
+#: One optimizer per kind of update and precision option, with the parameter dtype it runs on.
+OPTIM_CASES: dict[str, tuple[Any, torch.dtype]] = {
+    "adamw": (pp.optim.adamw(1e-2), torch.float32),
+    "adam-amsgrad": (pp.optim.adam(1e-2, amsgrad=True, weight_decay=0.1), torch.float32),
+    "sgd-nesterov": (pp.optim.sgd(0.1, momentum=0.9, nesterov=True), torch.float32),
+    "sgd-dampening": (pp.optim.sgd(0.1, momentum=0.9, dampening=0.5), torch.float32),
+    "master-bf16": (pp.optim.adamw(1e-2, master_weights=True), torch.bfloat16),
+    "stochastic-bf16": (pp.optim.adamw(1e-3, rounding="stochastic"), torch.bfloat16),
+    "kahan-bf16": (pp.optim.sgd(1e-2, momentum=0.9, kahan=True), torch.bfloat16),
+    "partition": (
+        pp.optim.partition(
+            {"decay": pp.optim.adamw(1e-2, weight_decay=0.1), "other": pp.optim.sgd(0.1)},
+            lambda path, leaf: "decay" if leaf.dim() >= 2 else "other",
+        ),
+        torch.float32,
+    ),
+}
+
+
+def optim_tree(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Three seeded parameters of odd sizes (every ``Shard`` over 2 ranks splits unevenly)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w": (5, 3), "v": (3, 4), "b": (7,)}
+    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
+
+
+def optim_grads(like: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    """Step ``t``'s seeded gradients for ``like``'s shapes and dtypes."""
+    gen = torch.Generator().manual_seed(10 + t)
+    return {k: (torch.randn(v.shape, generator=gen) * 1e-2).to(v.dtype) for k, v in like.items()}

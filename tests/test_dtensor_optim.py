@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import spawn
+from helpers import OPTIM_CASES, optim_grads, optim_tree, spawn
 from torch import nn
 
 import polprec as pp
@@ -26,30 +26,10 @@ import polprec as pp
 _STEPS = 3
 
 
-def _tree(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"w": (5, 3), "v": (3, 4), "b": (7,)}  # odd: every Shard splits unevenly
-    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-
-
-def _grads(params: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(10 + t)
-    return {k: (torch.randn(v.shape, generator=gen) * 1e-2).to(v.dtype) for k, v in params.items()}
-
-
-_OPTIMIZERS: dict[str, tuple[Any, torch.dtype]] = {
-    "adamw": (pp.optim.adamw(1e-2), torch.float32),
-    "sgd-nesterov": (pp.optim.sgd(0.1, momentum=0.9, nesterov=True), torch.float32),
-    "master-bf16": (pp.optim.adamw(1e-2, master_weights=True), torch.bfloat16),
-    "stochastic-bf16": (pp.optim.adamw(1e-3, rounding="stochastic"), torch.bfloat16),
-    "kahan-bf16": (pp.optim.sgd(1e-2, momentum=0.9, kahan=True), torch.bfloat16),
-    "partition": (
-        pp.optim.partition(
-            {"decay": pp.optim.adamw(1e-2, weight_decay=0.1), "other": pp.optim.sgd(0.1)},
-            lambda path, leaf: "decay" if leaf.dim() >= 2 else "other",
-        ),
-        torch.float32,
-    ),
+# the two-rank runs take the one-process cases but the second Adam and SGD variants
+_OPTIMIZERS = {
+    k: OPTIM_CASES[k]
+    for k in ("adamw", "sgd-nesterov", "master-bf16", "stochastic-bf16", "kahan-bf16", "partition")
 }
 
 
@@ -79,11 +59,11 @@ def _functional_worker(rank: int, _: Any) -> dict[str, Any]:
                     pl = [Shard(0)] if x.dim() == 1 and placements == [Shard(1)] else placements
                     return distribute_tensor(x, mesh, pl)
 
-                start = {k: place(v) for k, v in _tree(dtype).items()}
+                start = {k: place(v) for k, v in optim_tree(dtype).items()}
                 locals_before = {k: v.to_local().data_ptr() for k, v in start.items()}
 
                 def grads_of(t: int, dtype: torch.dtype = dtype) -> dict[str, Any]:
-                    return {k: place(v) for k, v in _grads(_tree(dtype), t).items()}
+                    return {k: place(v) for k, v in optim_grads(optim_tree(dtype), t).items()}
 
                 params, state = _run(opt, start, grads_of, donate=donate)
                 key = f"{layout}/{name}/{'donated' if donate else 'pure'}"
@@ -99,11 +79,13 @@ def _functional_worker(rank: int, _: Any) -> dict[str, Any]:
                     out[key + "/moment numel"] = moment["w"].to_local().numel()
 
     # one rank's NaN, no flag given: the step checks, and both ranks skip
-    params = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _tree(torch.float32).items()}
+    params = {
+        k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in optim_tree(torch.float32).items()
+    }
     opt = pp.optim.adamw(1e-2)
     grads = {
         k: distribute_tensor(v, mesh, [Shard(0)])
-        for k, v in _grads(_tree(torch.float32), 0).items()
+        for k, v in optim_grads(optim_tree(torch.float32), 0).items()
     }
     if rank == 1:
         grads["b"].to_local()[0] = float("nan")  # in rank 1's shard only
@@ -119,7 +101,9 @@ def _functional_worker(rank: int, _: Any) -> dict[str, Any]:
 def test_sharded_updates_equal_one_process_bit_for_bit(tmp_path: Path) -> None:
     results = spawn(_functional_worker, tmp_path, None)
     for name, (opt, dtype) in _OPTIMIZERS.items():
-        ref, _ = _run(opt, _tree(dtype), lambda t, d=dtype: _grads(_tree(d), t), donate=False)
+        ref, _ = _run(
+            opt, optim_tree(dtype), lambda t, d=dtype: optim_grads(optim_tree(d), t), donate=False
+        )
         for r in results:
             for layout in ("shard0", "shard1", "rep"):
                 for how in ("pure", "donated"):

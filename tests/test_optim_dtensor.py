@@ -12,40 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_unchanged, snapshot
+from helpers import OPTIM_CASES, assert_unchanged, optim_grads, optim_tree, snapshot
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import polprec as pp
 
 _STEPS = 3
 
-_OPTIMIZERS: dict[str, tuple[Any, torch.dtype]] = {
-    "adamw": (pp.optim.adamw(1e-2), torch.float32),
-    "adam-amsgrad": (pp.optim.adam(1e-2, amsgrad=True, weight_decay=0.1), torch.float32),
-    "sgd-nesterov": (pp.optim.sgd(0.1, momentum=0.9, nesterov=True), torch.float32),
-    "sgd-dampening": (pp.optim.sgd(0.1, momentum=0.9, dampening=0.5), torch.float32),
-    "master-bf16": (pp.optim.adamw(1e-2, master_weights=True), torch.bfloat16),
-    "stochastic-bf16": (pp.optim.adamw(1e-3, rounding="stochastic"), torch.bfloat16),
-    "kahan-bf16": (pp.optim.sgd(1e-2, momentum=0.9, kahan=True), torch.bfloat16),
-    "partition": (
-        pp.optim.partition(
-            {"decay": pp.optim.adamw(1e-2, weight_decay=0.1), "other": pp.optim.sgd(0.1)},
-            lambda path, leaf: "decay" if leaf.dim() >= 2 else "other",
-        ),
-        torch.float32,
-    ),
-}
-
-
-def _tree(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"w": (5, 3), "v": (3, 4), "b": (7,)}
-    return {k: torch.randn(s, generator=gen).to(dtype) for k, s in shapes.items()}
-
-
-def _grads(like: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(10 + t)
-    return {k: (torch.randn(v.shape, generator=gen) * 1e-2).to(v.dtype) for k, v in like.items()}
+_OPTIMIZERS = OPTIM_CASES
 
 
 def _run(opt: Any, params: Any, grads_of: Any, *, donate: bool) -> tuple[Any, Any]:
@@ -83,10 +57,12 @@ def test_one_rank_dtensor_steps_equal_plain_steps_bit_for_bit(
     def place(tree: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {k: distribute_tensor(v, mesh, [placement]) for k, v in tree.items()}
 
-    ref, ref_state = _run(opt, _tree(dtype), lambda t: _grads(_tree(dtype), t), donate=False)
-    start = place(_tree(dtype))
+    ref, ref_state = _run(
+        opt, optim_tree(dtype), lambda t: optim_grads(optim_tree(dtype), t), donate=False
+    )
+    start = place(optim_tree(dtype))
     before = snapshot(tuple(v.to_local() for v in start.values()))  # values, versions
-    got, state = _run(opt, start, lambda t: place(_grads(_tree(dtype), t)), donate=donate)
+    got, state = _run(opt, start, lambda t: place(optim_grads(optim_tree(dtype), t)), donate=donate)
     for k, v in got.items():
         assert type(v) is DTensor and v.placements == (placement,) and v.dtype == dtype, k
         assert torch.equal(v.full_tensor(), ref[k]), k
@@ -105,8 +81,10 @@ def test_one_rank_dtensor_steps_equal_plain_steps_bit_for_bit(
 def test_a_donated_step_gives_back_the_dtensors_it_updated_in_place(
     mesh: Any, placement: Any
 ) -> None:
-    params = {k: distribute_tensor(v, mesh, [placement]) for k, v in _tree(torch.float32).items()}
-    grads = {k: distribute_tensor(v, mesh, [placement]) for k, v in _grads(params, 0).items()}
+    params = {
+        k: distribute_tensor(v, mesh, [placement]) for k, v in optim_tree(torch.float32).items()
+    }
+    grads = {k: distribute_tensor(v, mesh, [placement]) for k, v in optim_grads(params, 0).items()}
     opt = pp.optim.adamw(1e-2)
     state = opt.init(params)
     moments = dict(state.exp_avg)
@@ -116,7 +94,9 @@ def test_a_donated_step_gives_back_the_dtensors_it_updated_in_place(
     fresh, _ = opt.step(params, grads, new_state)
     assert all(fresh[k] is not params[k] for k in params)  # a pure step: new DTensors
     # 16-bit parameters: their float32 master copies are updated in place too
-    half = {k: distribute_tensor(v, mesh, [placement]) for k, v in _tree(torch.bfloat16).items()}
+    half = {
+        k: distribute_tensor(v, mesh, [placement]) for k, v in optim_tree(torch.bfloat16).items()
+    }
     opt = pp.optim.adamw(1e-2, master_weights=True)
     state = opt.init(half)
     masters = dict(state.master)
@@ -134,8 +114,10 @@ def test_a_donated_step_gives_back_the_dtensors_it_updated_in_place(
 def test_a_state_of_other_settings_is_refused_for_dtensors_too(
     mesh: Any, opt: Any, field: str
 ) -> None:
-    params = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _tree(torch.bfloat16).items()}
-    grads = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _grads(params, 0).items()}
+    params = {
+        k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in optim_tree(torch.bfloat16).items()
+    }
+    grads = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in optim_grads(params, 0).items()}
     state = opt.init(params)
     bad = state.replace(**{field: {**getattr(state, field), "w": None}})
     with pytest.raises(ValueError, match=f"state.{field} has nothing for parameter w"):
@@ -143,8 +125,10 @@ def test_a_state_of_other_settings_is_refused_for_dtensors_too(
 
 
 def test_a_non_finite_shard_skips_the_step(mesh: Any) -> None:
-    params = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in _tree(torch.float32).items()}
-    raw = _grads(_tree(torch.float32), 0)
+    params = {
+        k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in optim_tree(torch.float32).items()
+    }
+    raw = optim_grads(optim_tree(torch.float32), 0)
     raw["b"][3] = float("nan")
     grads = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in raw.items()}
     opt = pp.optim.adamw(1e-2)

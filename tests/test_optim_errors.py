@@ -680,13 +680,13 @@ STATES: list[tuple[str, Callable[[], Any], type[Exception], list[str]]] = [
         ["state_dict is of a SGDState, not a PartitionState"],
     ),
     (
-        "a partition state dict without its type",
+        "a partition state dict without its states",
         lambda: pp.optim.PartitionState.from_state_dict(
-            {k: v for k, v in _partition_dict().items() if k != "type"}
+            {k: v for k, v in _partition_dict().items() if k != "states"}
         ),
         ValueError,
         [
-            "state_dict for PartitionState has missing keys ['type'] and unknown keys []; "
+            "state_dict for PartitionState has missing keys ['states'] and unknown keys []; "
             "expected keys ['consecutive_skips', 'skips', 'states', 'step', 'type']"
         ],
     ),

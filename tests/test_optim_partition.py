@@ -159,6 +159,8 @@ def test_state_dict_round_trip_weights_only() -> None:
     buffer.seek(0)
     loaded = pp.optim.PartitionState.from_state_dict(torch.load(buffer, weights_only=True))
     assert loaded.load_state_dict(state.state_dict()).step == state.step
+    untyped = {k: v for k, v in state.state_dict().items() if k != "type"}
+    assert pp.optim.PartitionState.from_state_dict(untyped).step == state.step  # as any state
     a, sa = opt.step(params, _grads(params, 5), state)
     b, sb = opt.step(params, _grads(params, 5), loaded)
     assert all(torch.equal(a[k], b[k]) for k in params)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from polprec._state import State
+from polprec._state import State, check_state_dict
 
 __all__ = ["COUNTERS", "AdamState", "OptState", "PartitionState", "SGDState", "state_class"]
 
@@ -117,21 +117,7 @@ class PartitionState(OptState):
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Any]) -> PartitionState:
         """Rebuild a partition's state from :meth:`state_dict`'s output (validated)."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"state_dict must be a mapping, got {type(state_dict).__name__}; pass the "
-                "output of state_dict()"
-            )
-        kind = state_dict.get("type", cls.__name__)
-        if kind != cls.__name__:
-            raise ValueError(f"state_dict is of a {kind}, not a {cls.__name__}")
-        expected = {"type", "states", *COUNTERS}
-        if set(state_dict) != expected:
-            raise ValueError(
-                f"state_dict for {cls.__name__} has missing keys "
-                f"{sorted(expected - set(state_dict))} and unknown keys "
-                f"{sorted(set(state_dict) - expected)}; expected keys {sorted(expected)}"
-            )
+        check_state_dict(cls, state_dict, {"states", *COUNTERS})
         inner = state_dict["states"]
         if not isinstance(inner, Mapping):
             raise TypeError(f"state_dict['states'] must be a mapping by label, got {inner!r}")
