@@ -8,6 +8,7 @@ checks themselves. The single-process tests use a one-rank group and mesh.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
 from typing import Any
@@ -128,6 +129,25 @@ class _Collectives:
             setattr(funcol, name, fn)
 
 
+class _WithUnused(nn.Module):
+    """The MLP beside a layer the loss never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = _mlp()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            self.unused = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+# Bucket caps in bytes of float32 gradients: the default (the whole tree in one bucket),
+# 100 (the first weight alone, the rest of the MLP, the unused layer), 0 (one by one).
+_CAPS = {"default": _dtensor.BUCKET_BYTES, "100 bytes": 100, "none": 0}
+
+
 # --- workers (module level: spawn pickles them by name) -------------------------------------
 
 
@@ -167,6 +187,23 @@ def _gradients_worker(rank: int, _: Any) -> dict[str, Any]:
             _distributed(_params("64-true"), "shard1"), *mine, loss_scale=pp.NoOpLossScale()
         )[1]
     )
+    # Buckets: the same bits as one parameter at a time, one collective each way per bucket.
+    model_with_unused = _WithUnused()
+    step = pp.value_and_grad(_loss_fn(model_with_unused, "bf16-mixed"))
+    plain = {k: v.detach() for k, v in model_with_unused.named_parameters()}
+    for layout in _LAYOUTS:
+        params = _distributed(plain, layout)
+        for cap_name, cap in _CAPS.items():
+            _dtensor.BUCKET_BYTES = cap
+            try:
+                with _Collectives() as collectives:
+                    grads = step(params, *mine, loss_scale=pp.NoOpLossScale())[1]
+            finally:
+                _dtensor.BUCKET_BYTES = _CAPS["default"]
+            out["buckets", layout, cap_name] = {
+                "grads": {k: None if g is None else g.full_tensor() for k, g in grads.items()},
+                "collectives": [n for n, dtype in collectives.seen if dtype != "torch.int32"],
+            }
     # Where each shard lies, against DTensor's own split of the indices.
     for layout, (shape, matrix, _) in _LAYOUTS.items():
         mesh = init_device_mesh("cpu", shape)
@@ -288,6 +325,34 @@ def test_gradients_are_those_of_the_mean_loss_over_all_ranks_in_the_params_layou
         assert got["scale"][0] == "Tensor" and float(got["scale"][1]) == 8.0
     for k, g in gradients[0][policy, layout]["grads"].items():
         assert torch.equal(g, gradients[1][policy, layout]["grads"][k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_buckets_give_the_bits_of_one_parameter_at_a_time_with_fewer_collectives(
+    gradients: list[dict[str, Any]], layout: str
+) -> None:
+    sharded = any(isinstance(p, Shard) for p in _LAYOUTS[layout][1]) and layout != "hsdp_2x1"
+    for r in gradients:
+        one_by_one = r["buckets", layout, "none"]["grads"]
+        assert one_by_one["unused.weight"] is None or not one_by_one["unused.weight"].any()
+        for cap in _CAPS:
+            got = r["buckets", layout, cap]["grads"]
+            assert set(got) == set(one_by_one)
+            for k, g in one_by_one.items():
+                assert (got[k] is None) == (g is None), (cap, k)
+                assert g is None or (got[k].dtype == g.dtype and torch.equal(got[k], g)), (cap, k)
+        counts = {
+            cap: collections.Counter(r["buckets", layout, cap]["collectives"]) for cap in _CAPS
+        }
+        if sharded:  # gathered per bucket forward (the unused layer too), reduced backward
+            assert counts["none"] == {"all_gather_single": 6, "reduce_scatter_single": 4}
+            assert counts["100 bytes"] == {"all_gather_single": 3, "reduce_scatter_single": 2}
+            assert counts["default"] == {"all_gather_single": 1, "reduce_scatter_single": 1}
+        else:  # each rank holds the whole tensors: nothing to gather, one all-reduce per bucket
+            assert counts["none"] == {"all_reduce": 4}
+            assert counts["100 bytes"] == {"all_reduce": 2}
+            assert counts["default"] == {"all_reduce": 1}
 
 
 @pytest.mark.slow
