@@ -502,3 +502,16 @@ def test_a_modules_names_are_read_once_while_it_keeps_them(
     assert len(reads) == 2  # a name it did not know: read again, and known since
     pp.apply_with_policy(model, params | {"extra": torch.ones(1)}, x, policy="32-true")
     assert len(reads) == 2
+
+
+def test_a_second_positional_input_is_told_to_join_the_first_in_a_tuple() -> None:
+    model = nn.Linear(3, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.ones(1, 3)
+    with pytest.raises(TypeError) as err:
+        pp.apply_with_policy(model, params, x, x, policy=32)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "apply_with_policy got a tensor where kwargs goes: a module with several positional "
+        "inputs takes them as one tuple, as functional_call does: "
+        "apply_with_policy(module, params, (x, y), policy=...)"
+    )

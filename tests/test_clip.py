@@ -195,3 +195,13 @@ def test_one_rank_dtensor_gradients_clip_as_plain_ones(mesh: Any, placement: str
         for k in ("w", "b"):
             assert type(clipped[k]) is DTensor and clipped[k].placements == tuple(where)
             assert torch.equal(clipped[k].full_tensor(), ref[k])
+
+
+@pytest.mark.parametrize("max_norm", [torch.ones(2), torch.tensor(1)], ids=["not 0-dim", "integer"])
+def test_a_bad_tensor_max_norm_is_named_with_its_dtype_and_shape(max_norm: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="^max_norm must be") as err:
+        pp.clip_by_global_norm({"w": torch.ones(3)}, max_norm)
+    assert str(err.value) == (
+        "max_norm must be a number >= 0 or a 0-dim floating tensor, got a tensor of dtype "
+        f"{max_norm.dtype} and shape {tuple(max_norm.shape)}"
+    )

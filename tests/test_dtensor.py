@@ -630,6 +630,23 @@ def test_partial_params_and_bad_reduce_dtypes_are_refused(mesh: Any) -> None:
         pp.all_finite_across(distribute_tensor(torch.ones(()), mesh, [Replicate()]))
 
 
+@pytest.mark.parametrize("placement", [Replicate(), Shard(0)], ids=["replicate", "shard0"])
+def test_one_rank_gradients_are_reduced_in_the_reduce_dtype(mesh: Any, placement: Any) -> None:
+    # float32 compute: the gradients are float32 numbers until the reduction rounds them
+    model, (x, y) = _mlp(), _batch()
+    sharded = {k: distribute_tensor(v, mesh, [placement]) for k, v in _params("32-true").items()}
+    default = pp.value_and_grad(_loss_fn(model, "32-true"))(
+        sharded, x, y, loss_scale=pp.NoOpLossScale()
+    )[1]
+    bf16 = pp.value_and_grad(_loss_fn(model, "32-true", reduce_dtype="bf16"))(
+        sharded, x, y, loss_scale=pp.NoOpLossScale()
+    )[1]
+    for k, g in _full(bf16).items():
+        assert g.dtype == torch.float32 and torch.equal(g, g.bfloat16().float()), k
+        assert torch.equal(g, _full(default)[k].bfloat16().float()), k
+    assert any(not torch.equal(g, g.bfloat16().float()) for g in _full(default).values())
+
+
 def test_reduce_dtype_leaves_plain_params_alone() -> None:
     model, (x, y) = _mlp(), _batch()
     plain = _params("32-true")

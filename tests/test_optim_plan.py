@@ -253,6 +253,69 @@ def test_a_donated_step_updates_16_bit_parameters_in_place(options: dict[str, An
         assert torch.equal(new[k].detach(), pure[k])
     for a, b in zip(pp._tree.tree_leaves(new_state), pp._tree.tree_leaves(pure_state), strict=True):
         assert torch.equal(a, b)
+    for name in ("exp_avg", "exp_avg_sq", "master", "compensation"):  # into the state's buffers
+        old, got = getattr(state, name), getattr(new_state, name)
+        if old is not None:
+            assert all(got[k] is old[k] for k in old), name
+
+
+def test_while_tracing_a_plan_is_made_afresh_and_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    opt = pp.optim.adamw(1e-2)
+    params = {"w": torch.ones(3, dtype=torch.bfloat16), "b": torch.ones(2)}
+    flat = _plan.Flat(params, {k: torch.ones_like(v) for k, v in params.items()})
+
+    def labels(flat: Any, dotted: Any) -> list[int | None]:
+        return [None, 0]  # the first leaf in leaf order is left to no optimizer
+
+    kept: dict[Any, Any] = {}
+    eager = _plan.plan_for(kept, flat, [opt], labels)
+    traced_plans: dict[Any, Any] = {}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = _plan.plan_for(traced_plans, flat, [opt], labels)
+    monkeypatch.undo()
+    assert len(kept) == 1 and traced_plans == {}  # a cache is a side effect to a tracer
+    assert traced == eager  # the same plan, made afresh
+    assert [g.idx for g in traced.groups] == [(1,)]  # the labels taken, past the unlabelled
+    # without labels, path keys are worked out for stochastic rounding only
+    assert all(g.keys == () for g in _plan.plan_for({}, flat, [opt], None).groups)
+
+
+def test_a_python_number_lr_is_taken_as_it_is_while_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polprec.optim import _engine
+
+    with pytest.raises(ValueError, match="lr"):
+        _engine.check_lr("lr", -1.0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _engine.check_lr("lr", -1.0) == -1.0  # symbolic while tracing: eager mode checks it
+    with pytest.raises(TypeError, match="lr"):
+        _engine.check_lr("lr", True)  # a bool is no learning rate, traced or not
+
+
+def test_bias_corrections_are_a_reduction_of_their_own_while_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from polprec.optim import _adam
+
+    x = torch.tensor(0.1234567890123, dtype=torch.float64)
+    assert _adam._once(x) is x  # eager: nothing to do
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = _adam._once(x)
+    assert out is not x and out.shape == () and out.dtype == x.dtype and torch.equal(out, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_a_tensor_learning_rate_is_taken_in_float32(dtype: torch.dtype) -> None:
+    """As torch's fused kernels take a tensor lr: the same bits whatever the tensor's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(200, generator=gen)}
+    grads = {"w": torch.randn(200, generator=gen)}
+    opt = pp.optim.adamw(1 / 3)
+    state = opt.init(params)
+    want, _ = opt.step(params, grads, state, lr_scale=torch.tensor(0.75))
+    got, _ = opt.step(params, grads, state, lr_scale=torch.tensor(0.75, dtype=dtype))
+    assert torch.equal(got["w"], want["w"])
 
 
 def test_a_kept_plan_serves_only_trees_of_its_keys_and_dtypes() -> None:
