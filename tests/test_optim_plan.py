@@ -311,10 +311,11 @@ def test_a_tensor_learning_rate_is_taken_in_float32(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(200, generator=gen)}
     grads = {"w": torch.randn(200, generator=gen)}
-    opt = pp.optim.adamw(1 / 3)
+    opt = pp.optim.adamw(1.0)
     state = opt.init(params)
-    want, _ = opt.step(params, grads, state, lr_scale=torch.tensor(0.75))
-    got, _ = opt.step(params, grads, state, lr_scale=torch.tensor(0.75, dtype=dtype))
+    rate = torch.tensor(1 / 3, dtype=dtype)  # 1/3 in float64 is no float32 number
+    want, _ = opt.step(params, grads, state, lr_scale=rate.float())
+    got, _ = opt.step(params, grads, state, lr_scale=rate)
     assert torch.equal(got["w"], want["w"])
 
 

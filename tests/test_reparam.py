@@ -131,6 +131,15 @@ def test_own_tensors_name_a_shared_submodule_under_every_path() -> None:
     assert set(tied) == {"0.weight", "1.weight"} and tied["1.weight"] is tied["0.weight"]
 
 
+def test_own_tensors_name_a_buffer_under_every_name_and_ties_list_only_shared_ones() -> None:
+    model = nn.BatchNorm1d(3)
+    model.register_buffer("alias", model.running_mean)  # one buffer, two names
+    own = _reparam.own_tensors(model)
+    assert own["alias"] is own["running_mean"] and "weight" in own
+    t, u = torch.ones(1), torch.ones(1)
+    assert _reparam._ties({"a": t, "b": u, "c": t}) == {"a": ("a", "c"), "c": ("a", "c")}
+
+
 def test_the_layout_is_made_once_while_the_module_keeps_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
