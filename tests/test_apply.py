@@ -515,3 +515,15 @@ def test_a_second_positional_input_is_told_to_join_the_first_in_a_tuple() -> Non
         "inputs takes them as one tuple, as functional_call does: "
         "apply_with_policy(module, params, (x, y), policy=...)"
     )
+
+
+def test_removing_a_call_that_was_never_set_changes_nothing() -> None:
+    from polprec import _context
+
+    model = nn.Linear(2, 2)
+    _context.set_call(model, None)
+    assert "_call_impl" not in model.__dict__
+    _context.set_call(model, model.forward)
+    assert model.__dict__["_call_impl"] == model.forward
+    _context.set_call(model, None)
+    assert "_call_impl" not in model.__dict__
