@@ -34,6 +34,7 @@ with ``torch._dynamo.config.trace_autograd_ops = True``).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -223,45 +224,36 @@ def gather(x: Any, dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) 
     return out
 
 
-def _chunks(n: int, world: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of each rank's piece of a dimension of ``n`` split over ``world``
-    ranks as ``Shard`` splits it (``torch.chunk``: the last pieces smaller or empty)."""
-    chunk = -(-n // world)
-    return [
-        (min(r * chunk, n), max(0, min(n, (r + 1) * chunk) - min(r * chunk, n)))
-        for r in range(world)
-    ]
+def _piece(n: int, world: int, rank: int) -> tuple[int, int]:
+    """``(offset, size)`` of rank ``rank``'s piece of a dimension of ``n`` split over
+    ``world`` ranks as ``Shard`` splits it (``torch.chunk``: the last pieces smaller or
+    empty)."""
+    chunk = -(-n // world)  # ceil
+    start = min(rank * chunk, n)
+    return start, min(n, start + chunk) - start
 
 
 class _Member:
     """Where one DTensor lies in a bucket: its slot in each rank's flat buffer, the shape of
     each rank's shard along the sharded mesh dimension, and its own layout."""
 
-    __slots__ = ("dim", "dtype", "like", "offset", "pieces", "shapes", "slot")
+    __slots__ = ("dim", "like", "offset", "pieces", "shapes", "slot")
 
     def __init__(self, x: Any, dim: int | None, world: int, offset: int) -> None:
         shape = tuple(x.shape)
         self.dim = dim
         self.like = x
-        self.dtype = x.dtype
         self.offset = offset
         if dim is None:  # replicated: every rank holds all of it
-            self.pieces = [(0, shape[0] if shape else 1)] * world
+            self.pieces: list[tuple[int, int]] = []
             self.shapes = [shape] * world
         else:
-            self.pieces = _chunks(shape[dim], world)
+            self.pieces = [_piece(shape[dim], world, r) for r in range(world)]
             self.shapes = [(*shape[:dim], size, *shape[dim + 1 :]) for _, size in self.pieces]
-        self.slot = _numel(self.shapes[0])  # the first shard is the largest
+        self.slot = self.numel(0)  # the first shard is the largest
 
     def numel(self, rank: int) -> int:
-        return _numel(self.shapes[rank])
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+        return math.prod(self.shapes[rank])
 
 
 class _Bucket:
@@ -352,16 +344,7 @@ class _Bucket:
                 out.append(None)
                 continue
             local = mine[m.offset : m.offset + m.numel(self.rank)].view(m.shapes[self.rank])
-            out.append(
-                api.DTensor.from_local(
-                    local.to(m.dtype),
-                    self.mesh,
-                    m.like.placements,
-                    run_check=False,
-                    shape=m.like.shape,
-                    stride=m.like.stride(),
-                )
-            )
+            out.append(wrap_like(local.to(m.like.dtype), m.like))
         return out
 
 
@@ -435,11 +418,12 @@ def gather_tree(
                 )
                 key = (*key, reduce)
                 size = x.numel() * reduce.itemsize
-                groups = buckets.setdefault(key, [[]])
-                if groups[-1] and filled[key] + size > BUCKET_BYTES:
-                    groups.append([])  # this one is full: the next starts here
-                filled[key] = size + (filled[key] if len(groups[-1]) else 0)
+                groups = buckets.setdefault(key, [])
+                if not groups or filled[key] + size > BUCKET_BYTES:
+                    groups.append([])  # the first, or the last one is full
+                    filled[key] = 0
                 groups[-1].append(x)
+                filled[key] += size
                 done[id(x)] = x  # placeholder until its bucket is gathered
                 continue
         done[id(x)] = gather(x, compute_dtype if name in parameters else None, reduce_dtype)
@@ -634,9 +618,7 @@ def shard_offset(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for mesh_dim, placement in enumerate(d.placements):
         if type(placement) is api.Shard:
             dim = placement.dim % d.dim()
-            chunk = -(-shape[dim] // mesh.size(mesh_dim))  # ceil, as torch.chunk
-            start = min(coordinate[mesh_dim] * chunk, shape[dim])
-            shape[dim] = max(0, min(shape[dim], start + chunk) - start)
+            start, shape[dim] = _piece(shape[dim], mesh.size(mesh_dim), coordinate[mesh_dim])
             offset[dim] += start
         elif not isinstance(placement, api.Replicate | api.Partial):
             raise ValueError(
