@@ -18,6 +18,8 @@ per step of
   (``NoOpLossScale`` unless float16 is involved);
 * ``polprec donate``: the same step with ``donate=True`` (the fused kernels update the
   inputs' buffers instead of copies);
+* ``polprec donate, no flag``: the donated step without ``grads_finite`` (the optimizer's
+  default): the step then checks the gradients itself, one more read of every gradient;
 * ``polprec compiled``: the pure step under ``torch.compile(fullgraph=True)``;
 * ``copy``: ``torch._foreach_copy_`` of the bytes the pure step writes afresh (the
   parameters and every moment of the optimizer state) into buffers made once: what the pure
@@ -60,6 +62,7 @@ COLUMNS = [
     "no scaler",
     "polprec",
     "polprec donate",
+    "polprec donate, no flag",
     "polprec compiled",
     "copy",
 ]
@@ -149,6 +152,11 @@ def steps(
         params, state = opt.step(params, grads, state, grads_finite=finite, donate=donate)
         return params, state, scale
 
+    def pp_step_no_flag(params: Any, state: Any, scale: pp.DynamicLossScale, donate: bool) -> Any:
+        _, grads, _, scale = step_grad(params, x, y, loss_scale=scale)
+        params, state = opt.step(params, grads, state, donate=donate)  # it checks the grads
+        return params, state, scale
+
     def run_pp(fn: Callable[..., Any], donate: bool = False) -> Callable[[], None]:
         params = pp.cast_params(
             {k: v.detach().clone() for k, v in model.named_parameters()}, policy
@@ -179,6 +187,7 @@ def steps(
         "torch.amp fused": torch_step({"fused": True}, amp=True),
         "polprec": run_pp(pp_step),
         "polprec donate": run_pp(pp_step, donate=True),
+        "polprec donate, no flag": run_pp(pp_step_no_flag, donate=True),
         "copy": copy_floor(),
     }
     if not policy.uses_float16:
@@ -233,7 +242,12 @@ def main(argv: list[str] | None = None) -> None:
                 ]
                 row += [
                     f"{times[k] / best:.2f}x" if k in times else "-"
-                    for k in ("polprec", "polprec donate", "polprec compiled")
+                    for k in (
+                        "polprec",
+                        "polprec donate",
+                        "polprec donate, no flag",
+                        "polprec compiled",
+                    )
                 ]
                 bare = times.get("no scaler")
                 row += [f"{times['polprec'] / bare:.2f}x" if bare else "-"]
@@ -245,11 +259,20 @@ def main(argv: list[str] | None = None) -> None:
     if torch.device(args.device).type == "cuda":
         print(f"device {torch.cuda.get_device_name()}")
     print(
-        "median ms per step (ratio to torch.amp); then polprec eager, donated and compiled over "
+        "median ms per step (ratio to torch.amp); then polprec eager, donated (with and without "
+        "grads_finite) and compiled over "
         "the faster torch.amp step (default or fused=True), polprec eager over no scaler, and "
         "what the pure step costs over the donated one, in copies of its fresh bytes"
     )
-    head = ["model", "precision", "optimizer", *COLUMNS, "eager/best", "donate/best"]
+    head = [
+        "model",
+        "precision",
+        "optimizer",
+        *COLUMNS,
+        "eager/best",
+        "donate/best",
+        "no flag/best",
+    ]
     head += ["compiled/best", "eager/no scaler", "(pure-donate)/copy"]
     print(table(rows, head))
 

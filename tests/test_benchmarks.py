@@ -50,10 +50,11 @@ def test_bench_step_runs_every_eager_candidate(
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("mlp ")]
     assert [row[1] for row in rows] == ["bf16-mixed", "16-mixed"]
     bf16, fp16 = rows
-    # eager/best, donate/best, compiled/best, eager/no scaler, (pure-donate)/copy
+    # eager/best, donate/best, no flag/best, compiled/best, eager/no scaler, (pure-donate)/copy
     assert bf16[-3] == fp16[-3] == "-"  # nothing compiled with --no-compile
     assert fp16[-2] == "-"  # no "no scaler" step where float16 needs a GradScaler
-    assert all(float(cell.rstrip("x")) > 0 for cell in (bf16[-5], bf16[-4], bf16[-2], fp16[-5]))
+    ratios = (bf16[-6], bf16[-5], bf16[-4], bf16[-2], fp16[-6], fp16[-4])
+    assert all(float(cell.rstrip("x")) > 0 for cell in ratios)
     assert all(cell.endswith("x") for cell in (bf16[-1], fp16[-1]))  # may be < 0: noise
 
 
